@@ -1,0 +1,3 @@
+"""halb: a high-availability load-balancer cluster."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from halb.cli import main
+
+main()

@@ -1,0 +1,110 @@
+"""The `halb` command line: serve, check, status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+
+import click
+
+from halb import __version__
+from halb.errors import ConfigError
+
+
+@click.group()
+@click.version_option(__version__, prog_name="halb")
+def main() -> None:
+    """halb: a high-availability load-balancer cluster."""
+
+
+def _load_or_exit(path: str):  # type: ignore[no-untyped-def]
+    from halb.config import load
+
+    try:
+        return load(path)
+    except ConfigError as exc:
+        click.echo(f"halb: config error: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--log-level", default="WARNING", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+def serve(config_path: str, log_level: str) -> None:
+    """Run a node: proxy workers, health checks and the admin API, until SIGTERM."""
+    config = _load_or_exit(config_path)
+    logging.basicConfig(
+        level=log_level.upper(),
+        format=f"%(asctime)s {config.node.name} %(levelname)s %(name)s: %(message)s",
+    )
+    from halb.node import Node
+
+    async def run() -> int:
+        return await Node(config, log_level=log_level).run()
+
+    sys.exit(asyncio.run(run()))
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+def check(config_path: str) -> None:
+    """Validate a configuration file and exit (0 = valid, 2 = invalid)."""
+    config = _load_or_exit(config_path)
+    backends = sum(len(p.backends) for p in config.pools.values())
+    click.echo(
+        f"{config_path}: valid: node {config.node.name}, {len(config.listeners)} listener(s), "
+        f"{len(config.pools)} pool(s), {backends} backend(s)"
+    )
+
+
+@main.command()
+@click.option(
+    "--admin",
+    "admins",
+    multiple=True,
+    default=["127.0.0.1:9901"],
+    show_default=True,
+    help="HOST:PORT of a node's admin API; repeat to show several nodes side by side.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the status documents as JSON.")
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for each node.")
+def status(admins: tuple[str, ...], as_json: bool, timeout: float) -> None:
+    """Show nodes' listeners, pools and backends (exit 1 if no node answers).
+
+    With --json: one node prints its status object; several print a JSON list of them.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from halb.status_view import fetch_status, render
+
+    with ThreadPoolExecutor(max_workers=min(len(admins), 16)) as pool:
+        docs = list(pool.map(lambda a: fetch_status(a, timeout), admins))
+    if as_json:
+        click.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+    else:
+        render(docs)
+    if all("error" in d for d in docs):
+        sys.exit(1)
+
+
+@main.command("demo-backend")
+@click.argument("name")
+@click.option("--listen", default="127.0.0.1:9001", show_default=True, help="HOST:PORT to listen on.")
+@click.option("--load", type=float, default=None, help="Report this CPU load on /load (custom_load agent).")
+@click.option("--delay", type=float, default=0.0, help="Seconds to wait before answering.")
+def demo_backend(name: str, listen: str, load: float | None, delay: float) -> None:
+    """A tiny HTTP backend that answers with its NAME (for demos, tests and the lab)."""
+    from halb.config import parse_host_port
+    from halb.demo_backend import DemoBackend
+
+    address = parse_host_port(listen)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(DemoBackend(name, address.host, address.port, load, delay).serve_forever())
+
+
+from halb.lab.cli import lab  # noqa: E402
+
+main.add_command(lab)

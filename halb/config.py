@@ -1,0 +1,356 @@
+"""Load and validate a halb TOML configuration before anything starts.
+
+How this works: `load(path)` reads the file with `tomllib` and walks it with a small `Reader` that knows the
+key path it is at ("pools.app.backends[1].address"), so every error names the file, the key and the problem
+(`ConfigError`). Unknown keys are errors too (a typo must not silently fall back to a default). The result is
+the frozen dataclasses of `halb.config_model`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from halb.config_model import (
+    AgentConfig,
+    BackendConfig,
+    Config,
+    HealthConfig,
+    HostPort,
+    ListenerConfig,
+    NodeConfig,
+    PoolConfig,
+)
+from halb.errors import ConfigError
+
+
+def _algorithms() -> list[str]:
+    from halb.balancing.base import policy_names
+
+    return policy_names()
+
+
+def parse_host_port(text: str) -> HostPort:
+    """Parse "host:port" or "[v6]:port". Raises ValueError with a human message."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("expected a string HOST:PORT")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r} is not [IPv6]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise ValueError(f"port {port!r} in {text!r} is not a number") from None
+    if not 0 < port_number < 65536:
+        raise ValueError(f"port {port_number} in {text!r} is outside 1..65535")
+    return HostPort(host, port_number)
+
+
+class Reader:
+    """A table of the TOML document plus the key path that leads to it."""
+
+    def __init__(self, source: str, path: str, table: Any) -> None:
+        self.source = source
+        self.path = path
+        if not isinstance(table, dict):
+            self.fail("", f"expected a table, got {type(table).__name__}")
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, problem: str) -> None:
+        raise ConfigError(self.source, self.key(name) if name else self.path, problem)
+
+    def has(self, name: str) -> bool:
+        return name in self.table
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self.used.add(name)
+        return self.table.get(name, default)
+
+    def str(self, name: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+        value = self.raw(name, default)
+        if value is None:
+            self.fail(name, "is required")
+        if not isinstance(value, str):
+            self.fail(name, f"expected a string, got {value!r}")
+        if choices and value not in choices:
+            self.fail(name, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
+
+    def int(self, name: str, default: int | None = None, lo: int | None = None, hi: int | None = None) -> int:
+        value = self.raw(name, default)
+        if value is None:
+            self.fail(name, "is required")
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, f"expected an integer, got {value!r}")
+        self._range(name, value, lo, hi)
+        return value
+
+    def float(
+        self, name: str, default: float | None = None, lo: float | None = None, hi: float | None = None
+    ) -> float:
+        value = self.raw(name, default)
+        if value is None:
+            self.fail(name, "is required")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(name, f"expected a number of seconds, got {value!r}")
+        self._range(name, value, lo, hi)
+        return float(value)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            self.fail(name, f"expected true or false, got {value!r}")
+        return value
+
+    def host_port(self, name: str, default: str | None = None) -> HostPort:
+        value = self.str(name, default)
+        try:
+            return parse_host_port(value)
+        except ValueError as exc:
+            self.fail(name, str(exc))
+            raise  # unreachable
+
+    def sub(self, name: str, required: bool = False) -> Reader | None:
+        value = self.raw(name)
+        if value is None:
+            if required:
+                self.fail(name, "is required")
+            return None
+        return Reader(self.source, self.key(name), value)
+
+    def items(self, name: str) -> Iterator[Reader]:
+        value = self.raw(name, [])
+        if not isinstance(value, list):
+            self.fail(name, "expected an array of tables")
+        for i, item in enumerate(value):
+            yield Reader(self.source, f"{self.key(name)}[{i}]", item)
+
+    def _range(self, name: str, value: float, lo: float | None, hi: float | None) -> None:
+        if lo is not None and value < lo:
+            self.fail(name, f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            self.fail(name, f"must be <= {hi}, got {value}")
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            self.fail(unknown[0], "unknown key (check the spelling; see docs/configuration.md)")
+
+
+def _node(r: Reader) -> NodeConfig:
+    node = NodeConfig(
+        name=r.str("name"),
+        admin=r.host_port("admin", "127.0.0.1:9901"),
+        workers=r.int("workers", 1, lo=1, hi=64),
+        drain_timeout=r.float("drain_timeout", 10.0, lo=0),
+    )
+    r.done()
+    return node
+
+
+def _listener(r: Reader) -> ListenerConfig:
+    d = {f.name: f.default for f in fields(ListenerConfig)}
+    listener = ListenerConfig(
+        name=r.str("name"),
+        bind=r.host_port("bind"),
+        pool=r.str("pool"),
+        mode=r.str("mode", "http", choices=("http", "tcp")),
+        client_timeout=r.float("client_timeout", d["client_timeout"], lo=0.001),
+        header_timeout=r.float("header_timeout", d["header_timeout"], lo=0.001),
+        max_header_bytes=r.int("max_header_bytes", d["max_header_bytes"], lo=1024, hi=1 << 20),
+        max_request_line=r.int("max_request_line", d["max_request_line"], lo=256, hi=1 << 20),
+        backlog=r.int("backlog", d["backlog"], lo=1, hi=65535),
+    )
+    r.done()
+    return listener
+
+
+def _expect_status(r: Reader, name: str) -> tuple[int, int]:
+    value = r.raw(name, "200-399")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"{value}-{value}"
+    if isinstance(value, str):
+        lo_s, _, hi_s = value.partition("-")
+        try:
+            lo, hi = int(lo_s), int(hi_s or lo_s)
+        except ValueError:
+            lo, hi = 0, 0
+        if 100 <= lo <= hi <= 599:
+            return (lo, hi)
+    r.fail(name, f'expected a status or a range like "200-399", got {value!r}')
+    raise AssertionError
+
+
+def _health(r: Reader | None) -> HealthConfig:
+    d = HealthConfig()
+    if r is None:
+        return d
+    health = HealthConfig(
+        kind=r.str("kind", d.kind, choices=("tcp", "http", "none")),
+        path=r.str("path", d.path),
+        host=r.str("host", d.host),
+        expect_status=_expect_status(r, "expect_status"),
+        interval=r.float("interval", d.interval, lo=0.01),
+        timeout=r.float("timeout", d.timeout, lo=0.001),
+        rise=r.int("rise", d.rise, lo=1, hi=1000),
+        fall=r.int("fall", d.fall, lo=1, hi=1000),
+        jitter=r.float("jitter", d.jitter, lo=0, hi=0.5),
+        initial=r.str("initial", d.initial, choices=("up", "down")),
+    )
+    if not health.path.startswith("/"):
+        r.fail("path", f"must start with '/', got {health.path!r}")
+    for key, value in (("path", health.path), ("host", health.host)):
+        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            r.fail(key, f"must not contain spaces or control characters, got {value!r}")
+    if health.timeout > health.interval:
+        r.fail("timeout", f"({health.timeout}) must not exceed interval ({health.interval})")
+    r.done()
+    return health
+
+
+def _agent(r: Reader | None) -> AgentConfig | None:
+    if r is None:
+        return None
+    d = AgentConfig()
+    port = r.raw("port")
+    if port is not None:
+        port = r.int("port", lo=1, hi=65535)
+    path = r.str("path", d.path)
+    if not path.startswith("/") or any(ch.isspace() or ord(ch) < 32 for ch in path):
+        r.fail("path", f"must start with '/' and contain no spaces or control characters, got {path!r}")
+    agent = AgentConfig(
+        path=path,
+        port=port,
+        interval=r.float("interval", d.interval, lo=0.01),
+        timeout=r.float("timeout", d.timeout, lo=0.001),
+    )
+    r.done()
+    return agent
+
+
+def _backend(r: Reader) -> BackendConfig:
+    agent = r.host_port("agent") if r.has("agent") else None
+    backend = BackendConfig(
+        name=r.str("name"),
+        address=r.host_port("address"),
+        weight=r.int("weight", 1, lo=0, hi=256),
+        agent=agent,
+        draining=r.bool("draining", False),
+    )
+    r.done()
+    return backend
+
+
+def _hash_key(r: Reader) -> str:
+    value = r.str("hash_key", "client_ip")
+    kind, _, arg = value.partition(":")
+    if value in ("client_ip", "path") or (kind in ("header", "cookie") and arg):
+        return value
+    r.fail("hash_key", f'must be "client_ip", "path", "header:NAME" or "cookie:NAME", got {value!r}')
+    raise AssertionError
+
+
+def _pool(name: str, r: Reader) -> PoolConfig:
+    algorithms = tuple(_algorithms())
+    backends: list[BackendConfig] = []
+    seen: dict[str, str] = {}
+    for b in r.items("backends"):
+        backend = _backend(b)
+        if backend.name in seen:
+            b.fail("name", f"duplicate backend name {backend.name!r} (also at {seen[backend.name]})")
+        seen[backend.name] = b.path
+        backends.append(backend)
+    if not backends:
+        r.fail("backends", "a pool needs at least one backend")
+    pool = PoolConfig(
+        name=name,
+        backends=tuple(backends),
+        algorithm=r.str("algorithm", "round_robin", choices=algorithms),
+        health=_health(r.sub("health")),
+        agent=_agent(r.sub("agent")),
+        slowstart=r.float("slowstart", 0.0, lo=0),
+        retries=r.int("retries", 2, lo=0, hi=16),
+        connect_timeout=r.float("connect_timeout", 2.0, lo=0.001),
+        timeout=r.float("timeout", 30.0, lo=0.001),
+        hash_key=_hash_key(r),
+    )
+    r.done()
+    return pool
+
+
+def parse(document: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate an already-decoded TOML document."""
+    top = Reader(source, "", document)
+    node_reader = top.sub("node", required=True)
+    assert node_reader is not None
+    node = _node(node_reader)
+
+    pools: dict[str, PoolConfig] = {}
+    pools_reader = top.sub("pools", required=True)
+    assert pools_reader is not None
+    for name in list(pools_reader.table):
+        pool_reader = pools_reader.sub(name)
+        assert pool_reader is not None
+        pools[name] = _pool(name, pool_reader)
+    pools_reader.done()
+
+    listeners: list[ListenerConfig] = []
+    names: set[str] = set()
+    binds: dict[HostPort, str] = {}
+    for lr in top.items("listeners"):
+        listener = _listener(lr)
+        if listener.name in names:
+            lr.fail("name", f"duplicate listener name {listener.name!r}")
+        if listener.bind in binds:
+            lr.fail("bind", f"{listener.bind} is already bound by listener {binds[listener.bind]!r}")
+        if listener.pool not in pools:
+            known = ", ".join(sorted(pools)) or "none"
+            lr.fail("pool", f"no pool named {listener.pool!r} (pools: {known})")
+        if listener.bind == node.admin:
+            lr.fail("bind", f"{listener.bind} is also node.admin")
+        names.add(listener.name)
+        binds[listener.bind] = listener.name
+        listeners.append(listener)
+    top.done()
+    _check_addresses(source, node, listeners)
+    return Config(source=source, node=node, listeners=tuple(listeners), pools=pools)
+
+
+def _check_addresses(source: str, node: NodeConfig, listeners: list[ListenerConfig]) -> None:
+    for key, hp in [("node.admin", node.admin)] + [
+        (f"listeners[{i}].bind", listener.bind) for i, listener in enumerate(listeners)
+    ]:
+        try:
+            ipaddress.ip_address(hp.host)
+        except ValueError:
+            if hp.host not in ("localhost", "*", ""):
+                raise ConfigError(source, key, f"{hp.host!r} is not an IP address") from None
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML file. Raises ConfigError naming the file, key and problem."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "", f"not UTF-8: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"TOML syntax error: {exc}") from None
+    return parse(document, source)

@@ -1,0 +1,94 @@
+"""The validated configuration, as frozen dataclasses. `halb.config` builds these from TOML.
+
+Every field has the meaning and default a HAProxy/keepalived user would expect; times are in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    admin: HostPort = HostPort("127.0.0.1", 9901)
+    workers: int = 1
+    drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may take before the node exits
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    bind: HostPort
+    pool: str
+    mode: str = "http"  # "http" | "tcp"
+    client_timeout: float = 60.0  # idle keep-alive (HTTP) / idle connection (TCP) timeout
+    header_timeout: float = 10.0  # a request head must be complete within this (slowloris defence)
+    max_header_bytes: int = 32768  # whole request head
+    max_request_line: int = 8192
+    backlog: int = 1024
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    kind: str = "tcp"  # "tcp" | "http" | "none"
+    path: str = "/healthz"
+    host: str = ""  # Host header for HTTP probes; default the backend address
+    expect_status: tuple[int, int] = (200, 399)  # inclusive range of statuses that count as success
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 5
+    fall: int = 3
+    jitter: float = 0.1  # each interval is randomised by +-jitter*interval
+    initial: str = "up"  # state before the first probe: "up" | "down"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """custom_load: each backend reports its load on an HTTP endpoint returning {"cpu": 0.4, "mem": 0.7}."""
+
+    path: str = "/load"
+    port: int | None = None  # default: the backend's own port
+    interval: float = 1.0
+    timeout: float = 0.5
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    address: HostPort
+    weight: int = 1
+    agent: HostPort | None = None  # custom_load agent address; default from the pool's [agent] table
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    algorithm: str = "round_robin"
+    health: HealthConfig = field(default_factory=HealthConfig)
+    agent: AgentConfig | None = None
+    slowstart: float = 0.0  # seconds over which a recovered backend's share ramps up
+    retries: int = 2  # extra backends tried when a connect fails (never after bytes went upstream)
+    connect_timeout: float = 2.0
+    timeout: float = 30.0  # backend must send the response head (HTTP) within this
+    # ip_hash/consistent_hash key: "client_ip" | "header:NAME" | "cookie:NAME" | "path"
+    hash_key: str = "client_ip"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str  # the file it came from, for messages
+    node: NodeConfig
+    listeners: tuple[ListenerConfig, ...]
+    pools: dict[str, PoolConfig]

@@ -1,0 +1,84 @@
+"""A pool at run time: its backends, its balancing policy and the hooks the proxy reports failures to.
+
+How this works: built from a `PoolConfig`, a `Pool` owns one `Backend` record per configured backend and one
+policy instance. The proxy calls `choose()` for each new request/connection and `report_connect_failure()`
+when a connect fails (that counts toward the backend's `fall` in the health layer, wired by the composition
+root through `on_connect_failure`). Health and operator state arrive through `set_state()`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection
+
+from halb.backend import Backend
+from halb.balancing.base import Context, Policy, make_policy
+from halb.config_model import PoolConfig
+
+
+class Pool:
+    def __init__(self, config: PoolConfig, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.backends: list[Backend] = [
+            Backend(
+                name=b.name,
+                host=b.address.host,
+                port=b.address.port,
+                weight=b.weight,
+                healthy=config.health.initial == "up" or config.health.kind == "none",
+                draining=b.draining,
+            )
+            for b in config.backends
+        ]
+        self._by_name = {b.name: b for b in self.backends}
+        self.policy: Policy = make_policy(config.algorithm, self.backends, rng)
+        # Set by the composition root; called with the backend whose connect failed.
+        self.on_connect_failure: Callable[[Backend], None] = lambda backend: None
+        self.no_backend_total = 0  # requests answered 503 because no backend was available
+
+    def get(self, name: str) -> Backend | None:
+        return self._by_name.get(name)
+
+    def choose(self, ctx: Context, exclude: Collection[Backend] = ()) -> Backend | None:
+        backend = self.policy.choose(ctx, exclude)
+        if backend is None and not exclude:
+            self.no_backend_total += 1
+        return backend
+
+    def report_connect_failure(self, backend: Backend) -> None:
+        backend.on_connect_failed()
+        self.on_connect_failure(backend)
+
+    def set_state(
+        self,
+        name: str,
+        *,
+        healthy: bool | None = None,
+        slowstart_factor: float | None = None,
+        load: float | bool | None = False,
+        draining: bool | None = None,
+        weight: int | None = None,
+    ) -> None:
+        """Apply health/operator state to one backend; tells the policy when its inputs changed.
+
+        `load=False` means "leave unchanged" (None is a real value: unknown load).
+        """
+        backend = self._by_name.get(name)
+        if backend is None:
+            return
+        if healthy is not None:
+            backend.healthy = healthy
+        if slowstart_factor is not None:
+            backend.slowstart_factor = slowstart_factor
+        if load is not False:
+            backend.load = load  # type: ignore[assignment]
+        if draining is not None:
+            backend.draining = draining
+        if weight is not None:
+            backend.weight = weight
+        self.policy.update(self.backends)
+
+    @property
+    def healthy_count(self) -> int:
+        return sum(1 for b in self.backends if b.available)

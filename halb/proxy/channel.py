@@ -1,0 +1,173 @@
+"""A lean buffered connection for coroutine code: an asyncio Protocol plus a few awaitables.
+
+How this works: `Channel` is the protocol of one TCP connection (client side or backend side of the HTTP
+proxy). Incoming bytes are appended to `buf`; when `buf` grows past `high_water` the channel pauses reading
+from the socket and resumes once the consumer `take()`s it below `low_water`, so a fast sender can never
+make it buffer without bound. A coroutine waits for more bytes with `await wait_more(deadline)`, and for the
+transport's write buffer to drain with `await drain(deadline)` (the transport calls `pause_writing` above
+its own high-water mark). Deadlines are absolute `loop.time()` values; a timer is armed only when a wait
+actually suspends, and an expired deadline raises `TimeoutError`. There is one reader waiter and one drain
+waiter: exactly one coroutine reads a channel at a time, and one writes.
+
+`eof` is set when the peer shut down its sending side; `closed` when the connection is gone (`error` holds
+the reason if it was not a clean close). `write()` raises ConnectionResetError on a closed channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+DEFAULT_HIGH_WATER = 256 * 1024
+DEFAULT_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class Channel(asyncio.Protocol):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        keep_open_on_eof: bool = True,
+        high_water: int = DEFAULT_HIGH_WATER,
+        low_water: int = DEFAULT_LOW_WATER,
+    ) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.eof = False
+        self.closed = False
+        self.error: BaseException | None = None
+        self.received = 0  # bytes received over the channel's lifetime
+        self.write_paused = False
+        self._read_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._keep_open = keep_open_on_eof
+        self._high = high_water
+        self._low = low_water
+
+    # --- protocol callbacks ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.received += len(data)
+        if not self._read_paused and len(self.buf) >= self._high and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return self._keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.error = exc
+        for waiter in (self._waiter, self._drain_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        self.on_lost()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_lost(self) -> None:
+        """Hook for subclasses: the connection is gone."""
+
+    # --- for the coroutine that owns the channel ---------------------------------------------------
+    async def wait_more(self, deadline: float | None = None) -> None:
+        """Wait until more bytes arrive, the peer sends EOF or the connection closes."""
+        if self.eof or self.closed:
+            return
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        fut = self.loop.create_future()
+        self._waiter = fut
+        timer = self.loop.call_at(deadline, _expire, fut) if deadline is not None else None
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def take(self, n: int) -> bytes | bytearray:
+        """Remove and return the first `n` bytes of `buf` (all of it without copying when n >= len)."""
+        buf = self.buf
+        if n >= len(buf):
+            self.buf = bytearray()
+            data: bytes | bytearray = buf
+        else:
+            data = buf[:n]
+            del buf[:n]
+        if self._read_paused and len(self.buf) < self._low and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes | bytearray) -> None:
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        transport.write(data)
+
+    async def drain(self, deadline: float | None = None) -> None:
+        """Wait until the transport's write buffer is below its low-water mark."""
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        if not self.write_paused:
+            return
+        fut = self.loop.create_future()
+        self._drain_waiter = fut
+        timer = self.loop.call_at(deadline, _expire, fut) if deadline is not None else None
+        try:
+            await fut
+        finally:
+            self._drain_waiter = None
+            if timer is not None:
+                timer.cancel()
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in user space for this connection (read buffer + transport write buffer)."""
+        transport = self.transport
+        out = 0
+        if transport is not None and not self.closed:
+            try:
+                out = transport.get_write_buffer_size()
+            except Exception:
+                out = 0
+        return len(self.buf) + out
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()

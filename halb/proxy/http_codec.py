@@ -1,0 +1,545 @@
+"""Strict HTTP/1.1 message heads and body framing, sans I/O.
+
+How this works: the proxy collects bytes until `find_head_end()` reports a complete head (the first empty
+line), then hands exactly those bytes to `parse_request_head()` / `parse_response_head()`. The parsers
+validate everything a request-smuggling or response-splitting attack could use and raise `ProtocolError`
+carrying the status to answer with (400 malformed, 414 request line too long, 431 head too large, 501/505
+unsupported) and a short counter reason. Bodies are delimited by a *framer* (`request_framer()` /
+`response_framer()`): `feed(data)` returns how many bytes of `data` belong to the current message (the
+proxy forwards exactly those, unchanged: chunked bodies are validated, not re-encoded) and sets `done` when
+the message ended; the rest of `data` belongs to the next message. `eof()` tells a framer the peer closed.
+
+Line endings: every line of a head, chunk-size line and trailer must end with CRLF. A bare LF or bare CR
+anywhere in a head is rejected (400, reason "bare_lf"), never tolerated, so the proxy and every backend
+agree on where a line ends. Leading empty lines (CRLF) before a request line are skipped by the proxy.
+
+Request rules (RFC 9112, strict): exactly `METHOD SP target SP HTTP/1.x`; method a token; target printable
+ASCII without spaces, origin-form, absolute-form or `*` (OPTIONS); HTTP/1.0 and 1.1 (other 1.x minor
+versions are treated as 1.1, other majors get 505); header names are tokens (so a space before the colon is
+rejected), values have no control characters; obs-fold is rejected; HTTP/1.1 needs exactly one Host.
+Smuggling shapes get 400 "smuggling": Content-Length together with Transfer-Encoding, Content-Length
+values that differ, Transfer-Encoding on HTTP/1.0, more than one Transfer-Encoding header, and any
+Transfer-Encoding value other than exactly `chunked` (case-insensitive, at most one SP after the colon,
+nothing after it). CONNECT is not supported (501).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from halb.errors import ProtocolError
+
+# Limits for what backends send (requests use the listener's limits).
+MAX_RESPONSE_LINE = 8192
+MAX_RESPONSE_HEAD = 65536
+MAX_CHUNK_LINE = 4096  # chunk-size line including extensions
+MAX_TRAILER_BYTES = 32768
+
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# A block of field lines, each `token ":" value CRLF` where a value has no control character but HTAB.
+# (No bare CR/LF can hide in it, and a line starting with whitespace, obs-fold, does not match.)
+_RE_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_RE_VCHAR = rb"[\x21-\x7e\x80-\xff]"
+_RE_VALUE_CHAR = rb"[\t \x21-\x7e\x80-\xff]"
+_FIELDS_BLOCK = re.compile(rb"(?:" + _RE_TCHAR + rb"+:" + _RE_VALUE_CHAR + rb"*\r\n)*")
+# One field of a validated block: name, value without leading whitespace (fast; trailing whitespace is
+# rare and then _FIELD strips it too).
+_FIELD_FAST = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")
+# One field of a validated block: name, value without leading/trailing whitespace.
+_FIELD = re.compile(
+    rb"(" + _RE_TCHAR + rb"+):[ \t]*((?:" + _RE_VCHAR + rb"(?:" + _RE_VALUE_CHAR + rb"*" + _RE_VCHAR
+    + rb")?)?)[ \t]*\r\n"
+)  # fmt: skip
+_TE_RAW = re.compile(rb"(?:^|\n)transfer-encoding:([^\r]*)\r", re.IGNORECASE)
+_VALUE_OK = bytes([9]) + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+_TARGET_OK = bytes(range(0x21, 0x7F))
+_HEX = b"0123456789abcdefABCDEF"
+_DIGITS = b"0123456789"
+
+_CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+_CONNECTION = b"connection"
+_HOST = b"host"
+_EXPECT = b"expect"
+_UPGRADE = b"upgrade"
+_SPECIAL = frozenset({_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _HOST, _EXPECT, _UPGRADE})
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def _bad(message: str, reason: str = "bad_request", status: int = 400) -> ProtocolError:
+    return ProtocolError(message, status, reason)
+
+
+def _is_token(value: bytes) -> bool:
+    return bool(value) and not value.translate(None, _TCHAR)
+
+
+def _is_version(value: bytes) -> bool:
+    """HTTP/d.d"""
+    return (
+        len(value) == 8
+        and value.startswith(b"HTTP/")
+        and value[5] in _DIGITS
+        and value[6] == 0x2E
+        and value[7] in _DIGITS
+    )
+
+
+# --------------------------------------------------------------------------------------------- heads
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: bytes  # b"HTTP/1.1" or b"HTTP/1.0"
+    headers: list[tuple[bytes, bytes]]  # in order, names in their original case, values without OWS
+    minor: int = 1
+    content_length: int | None = None
+    chunked: bool = False
+    keep_alive: bool = True
+    connection_tokens: frozenset[bytes] = frozenset()  # lower-cased tokens of the Connection header(s)
+    upgrade: bytes | None = None
+    expect_continue: bool = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, lname: bytes) -> bytes | None:
+        """First value of the header whose lower-cased name is `lname`."""
+        for name, value in self.headers:
+            if name.lower() == lname:
+                return value
+        return None
+
+    @property
+    def path(self) -> bytes:
+        """The path of the target, without query (absolute-form targets are reduced to their path)."""
+        target = self.target
+        if not target.startswith(b"/"):
+            scheme_end = target.find(b"://")
+            if scheme_end < 0:
+                return target
+            slash = target.find(b"/", scheme_end + 3)
+            target = target[slash:] if slash >= 0 else b"/"
+        query = target.find(b"?")
+        return target if query < 0 else target[:query]
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    version: bytes
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    content_length: int | None = None
+    chunked: bool = False  # final transfer coding is chunked
+    te_other: bool = False  # Transfer-Encoding present but chunked is not final: read until close
+    keep_alive: bool = True
+    connection_tokens: frozenset[bytes] = field(default_factory=frozenset)
+
+
+def find_head_end(
+    buf: bytes | bytearray, max_line: int, max_head: int, *, status: tuple[int, int] = (414, 431)
+) -> int:
+    """Index just past the empty line that ends the head in `buf`, or -1 when more bytes are needed.
+
+    Raises ProtocolError when the first line is longer than `max_line` (status[0]) or the head is longer
+    than `max_head` (status[1]). Bare-LF heads are found too (the parser then rejects them).
+    """
+    lf = buf.find(b"\n")
+    if lf < 0:
+        if len(buf) > max_line + 1:
+            raise ProtocolError("request line too long", status[0], "line_too_long")
+        return -1
+    if lf > max_line + 1:
+        raise ProtocolError("request line too long", status[0], "line_too_long")
+    end = -1
+    i = buf.find(b"\n\r\n", lf)
+    if i >= 0:
+        end = i + 3
+    j = buf.find(b"\n\n", lf)
+    if j >= 0 and (end < 0 or j + 2 < end):
+        end = j + 2
+    if end < 0:
+        if len(buf) > max_head:
+            raise ProtocolError("request head too large", status[1], "head_too_large")
+        return -1
+    if end > max_head:
+        raise ProtocolError("request head too large", status[1], "head_too_large")
+    return end
+
+
+def _split_head(data: bytes, error_status: int) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+    """-> (first line, field block, fields). The whole block is validated by one regex (C speed)."""
+    if not data.endswith(b"\r\n\r\n"):
+        raise _bad("head does not end with CRLF CRLF", "bare_lf", error_status)
+    lf = data.find(b"\r\n")
+    first = data[:lf]
+    if b"\n" in first or b"\r" in first:
+        raise _bad("bare CR or LF in head", "bare_lf", error_status)
+    block = data[lf + 2 : -2]
+    if not block:
+        return first, block, []
+    if _FIELDS_BLOCK.fullmatch(block) is None:
+        _explain(block, error_status)
+    if b" \r" in block or b"\t\r" in block:
+        return first, block, _FIELD.findall(block)
+    return first, block, _FIELD_FAST.findall(block)
+
+
+def _explain(block: bytes, error_status: int) -> NoReturn:
+    """The field block is invalid: raise the precise error (slow path)."""
+    crlf = block.count(b"\r\n")
+    if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+        raise _bad("bare CR or LF in head", "bare_lf", error_status)
+    for line in block[:-2].split(b"\r\n"):
+        _header_line(line, error_status)
+    raise _bad("malformed header field", "bad_header", error_status)  # pragma: no cover - defensive
+
+
+def _header_line(line: bytes, error_status: int) -> tuple[bytes, bytes, bytes]:
+    """-> (name, value without OWS, raw value)."""
+    if line[:1] in (b" ", b"\t"):
+        raise _bad("obsolete line folding", "obs_fold", error_status)
+    if not line:
+        raise _bad("empty line inside head", "bad_header", error_status)
+    name, sep, raw = line.partition(b":")
+    if not sep or not _is_token(name):
+        raise _bad("invalid header name", "bad_header", error_status)
+    value = raw.strip(b" \t")
+    if value.translate(None, _VALUE_OK):
+        raise _bad("control character in header value", "bad_header", error_status)
+    return name, value, raw
+
+
+def _content_length(value: bytes, current: int | None, error_status: int) -> int:
+    result = current
+    for part in value.split(b","):
+        digits = part.strip(b" \t")
+        if not digits or digits.translate(None, _DIGITS) or len(digits) > 18:
+            raise _bad("invalid Content-Length", "bad_content_length", error_status)
+        n = int(digits)
+        if result is not None and n != result:
+            raise _bad("conflicting Content-Length values", "smuggling", error_status)
+        result = n
+    assert result is not None
+    return result
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t for t in (p.strip(b" \t").lower() for p in value.split(b",")) if t]
+
+
+def parse_request_head(
+    data: bytes | bytearray, max_request_line: int = 8192, max_header_bytes: int = 32768
+) -> RequestHead:
+    """Parse a complete request head (request line, fields, empty line). Raises ProtocolError."""
+    if len(data) > max_header_bytes:
+        raise _bad("request head too large", "head_too_large", 431)
+    line, block, headers = _split_head(bytes(data), 400)
+    if len(line) > max_request_line:
+        raise _bad("request line too long", "line_too_long", 414)
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise _bad("malformed request line", "bad_request_line")
+    method, target, version = parts
+    if not _is_token(method):
+        raise _bad("invalid method", "bad_request_line")
+    if not target or target.translate(None, _TARGET_OK):
+        raise _bad("invalid request target", "bad_request_line")
+    if version == b"HTTP/1.1":
+        minor = 1
+    elif version == b"HTTP/1.0":
+        minor = 0
+    elif _is_version(version):
+        if version[5] != 0x31:  # "1"
+            raise _bad("HTTP version not supported", "bad_version", 505)
+        minor, version = 1, b"HTTP/1.1"
+    else:
+        raise _bad("invalid HTTP version", "bad_request_line")
+    if method == b"CONNECT":
+        raise _bad("CONNECT is not supported", "method", 501)
+    if target[0] != 0x2F:  # "/"
+        lower = target[:8].lower()
+        if not (lower.startswith(b"http://") or lower.startswith(b"https://")) and not (
+            target == b"*" and method == b"OPTIONS"
+        ):
+            raise _bad("invalid request target form", "bad_request_line")
+
+    content_length: int | None = None
+    te_count = 0
+    hosts = 0
+    connection: set[bytes] = set()
+    upgrade: bytes | None = None
+    expect_continue = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in _SPECIAL:
+            continue
+        if lname == _CONTENT_LENGTH:
+            content_length = _content_length(value, content_length, 400)
+        elif lname == _TRANSFER_ENCODING:
+            te_count += 1
+        elif lname == _CONNECTION:
+            connection.update(_tokens(value))
+        elif lname == _HOST:
+            hosts += 1
+        elif lname == _EXPECT:
+            expect_continue = value.lower() == b"100-continue"
+        elif lname == _UPGRADE:
+            upgrade = value
+    if te_count:
+        if te_count > 1:
+            raise _bad("several Transfer-Encoding headers", "smuggling")
+        for raw in _TE_RAW.findall(block):
+            if raw.lower() not in (b"chunked", b" chunked"):
+                raise _bad("unsupported or obfuscated Transfer-Encoding", "smuggling")
+        if content_length is not None:
+            raise _bad("both Content-Length and Transfer-Encoding", "smuggling")
+        if minor == 0:
+            raise _bad("Transfer-Encoding in an HTTP/1.0 request", "smuggling")
+    if hosts > 1 or (hosts == 0 and minor == 1):
+        raise _bad("an HTTP/1.1 request needs exactly one Host header", "bad_host")
+    if minor == 1:
+        keep_alive = b"close" not in connection
+    else:
+        keep_alive = b"keep-alive" in connection and b"close" not in connection
+    return RequestHead(
+        method=method,
+        target=target,
+        version=version,
+        headers=headers,
+        minor=minor,
+        content_length=content_length,
+        chunked=te_count == 1,
+        keep_alive=keep_alive,
+        connection_tokens=frozenset(connection),
+        upgrade=upgrade,
+        expect_continue=expect_continue,
+    )
+
+
+def parse_response_head(data: bytes | bytearray) -> ResponseHead:
+    """Parse a complete response head from a backend. Raises ProtocolError with status 502."""
+    if len(data) > MAX_RESPONSE_HEAD:
+        raise _bad("response head too large", "bad_response", 502)
+    line, _block, headers = _split_head(bytes(data), 502)
+    version, _, rest = line.partition(b" ")
+    if version == b"HTTP/1.1":
+        minor = 1
+    elif version == b"HTTP/1.0":
+        minor = 0
+    else:
+        raise _bad("invalid response version", "bad_response", 502)
+    code, _, reason = rest.partition(b" ")
+    if len(code) != 3 or code.translate(None, _DIGITS) or not 100 <= int(code) <= 599:
+        raise _bad("invalid response status", "bad_response", 502)
+    if reason.translate(None, _VALUE_OK):
+        raise _bad("invalid reason phrase", "bad_response", 502)
+    content_length: int | None = None
+    codings: list[bytes] = []
+    connection: set[bytes] = set()
+    for name, value in headers:
+        lname = name.lower()
+        if lname == _CONTENT_LENGTH:
+            content_length = _content_length(value, content_length, 502)
+        elif lname == _TRANSFER_ENCODING:
+            codings.extend(_tokens(value))
+            if not codings:
+                raise _bad("empty Transfer-Encoding", "bad_response", 502)
+        elif lname == _CONNECTION:
+            connection.update(_tokens(value))
+    if minor == 1:
+        keep_alive = b"close" not in connection
+    else:
+        keep_alive = b"keep-alive" in connection and b"close" not in connection
+    chunked = bool(codings) and codings[-1] == b"chunked"
+    if codings:
+        # Transfer-Encoding wins over Content-Length; anything unusual: do not reuse the connection.
+        if not chunked or content_length is not None or len(codings) > 1:
+            keep_alive = False
+        content_length = None
+    return ResponseHead(
+        version=version,
+        status=int(code),
+        reason=reason,
+        headers=headers,
+        content_length=content_length,
+        chunked=chunked,
+        te_other=bool(codings) and not chunked,
+        keep_alive=keep_alive,
+        connection_tokens=frozenset(connection),
+    )
+
+
+# ------------------------------------------------------------------------------------------- framers
+class BodyFramer:
+    """Delimits one message body. `feed()` returns the bytes of `data` that belong to this message."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def feed(self, data: bytes | bytearray) -> int:
+        raise NotImplementedError
+
+    def eof(self) -> None:
+        """The peer closed. Raises ProtocolError (reason "truncated") when the body is incomplete."""
+        if not self.done:
+            raise ProtocolError("connection closed inside a message body", 400, "truncated")
+
+    @property
+    def close_delimited(self) -> bool:
+        return False
+
+
+class NoBody(BodyFramer):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self.done = True
+
+    def feed(self, data: bytes | bytearray) -> int:
+        return 0
+
+
+class LengthBody(BodyFramer):
+    __slots__ = ("remaining",)
+
+    def __init__(self, length: int) -> None:
+        self.remaining = length
+        self.done = length == 0
+
+    def feed(self, data: bytes | bytearray) -> int:
+        n = len(data)
+        if n >= self.remaining:
+            n = self.remaining
+            self.done = True
+        self.remaining -= n
+        return n
+
+
+class CloseDelimitedBody(BodyFramer):
+    """A response body without length: everything until the backend closes."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def feed(self, data: bytes | bytearray) -> int:
+        return len(data)
+
+    def eof(self) -> None:
+        self.done = True
+
+    @property
+    def close_delimited(self) -> bool:
+        return True
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER = 0, 1, 2, 3
+
+
+class ChunkedBody(BodyFramer):
+    """Incremental validator of a chunked body, trailers included; the bytes pass through unchanged.
+
+    With `decode=True` the payload is collected into `decoded` and trailer lines into `trailers` (tests).
+    """
+
+    __slots__ = ("_line", "_remaining", "_state", "_trailer_bytes", "decode", "decoded", "trailers")
+
+    def __init__(self, decode: bool = False) -> None:
+        self.done = False
+        self.decode = decode
+        self.decoded = bytearray()
+        self.trailers: list[bytes] = []
+        self._state = _SIZE
+        self._remaining = 0
+        self._line = bytearray()
+        self._trailer_bytes = 0
+
+    def feed(self, data: bytes | bytearray) -> int:
+        if self.done:
+            return 0
+        pos = 0
+        n = len(data)
+        while pos < n:
+            if self._state == _DATA:
+                take = min(self._remaining, n - pos)
+                if self.decode:
+                    self.decoded += data[pos : pos + take]
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = _DATA_END
+                continue
+            lf = data.find(b"\n", pos)
+            limit = 2 if self._state == _DATA_END else MAX_CHUNK_LINE
+            if lf < 0:
+                self._line += data[pos:]
+                if len(self._line) > limit:
+                    raise _bad("chunk line too long", "bad_chunk")
+                return n
+            self._line += data[pos : lf + 1]
+            pos = lf + 1
+            line = bytes(self._line)
+            self._line.clear()
+            if len(line) > limit:
+                raise _bad("chunk line too long", "bad_chunk")
+            if line[-2:] != b"\r\n" or b"\r" in line[:-2]:
+                raise _bad("chunk line does not end with CRLF", "bad_chunk")
+            if self._state == _SIZE:
+                self._size_line(line[:-2])
+            elif self._state == _DATA_END:
+                if line != b"\r\n":
+                    raise _bad("chunk data not followed by CRLF", "bad_chunk")
+                self._state = _SIZE
+            else:  # trailer section
+                if line == b"\r\n":
+                    self.done = True
+                    return pos
+                self._trailer_bytes += len(line)
+                if self._trailer_bytes > MAX_TRAILER_BYTES:
+                    raise _bad("trailer section too large", "bad_chunk")
+                _header_line(line[:-2], 400)
+                if self.decode:
+                    self.trailers.append(line[:-2])
+        return n
+
+    def _size_line(self, line: bytes) -> None:
+        semi = line.find(b";")
+        size = line
+        if semi >= 0:
+            size = line[:semi].rstrip(b" \t")
+            if line[semi:].translate(None, _VALUE_OK):
+                raise _bad("invalid chunk extension", "bad_chunk")
+        if not size or len(size) > 16 or size.translate(None, _HEX):
+            raise _bad("invalid chunk size", "bad_chunk")
+        self._remaining = int(size, 16)
+        self._state = _DATA if self._remaining else _TRAILER
+
+
+def request_framer(head: RequestHead) -> BodyFramer:
+    if head.chunked:
+        return ChunkedBody()
+    if head.content_length:
+        return LengthBody(head.content_length)
+    return NoBody()
+
+
+def response_framer(method: bytes, head: ResponseHead) -> BodyFramer:
+    status = head.status
+    if method == b"HEAD" or status < 200 or status == 204 or status == 304:
+        return NoBody()
+    if head.chunked:
+        return ChunkedBody()
+    if head.te_other:
+        return CloseDelimitedBody()
+    if head.content_length is not None:
+        return LengthBody(head.content_length)
+    return CloseDelimitedBody()

@@ -1,0 +1,810 @@
+"""The HTTP/1.1 reverse proxy: one `HttpConnection` (protocol + coroutine) per client connection.
+
+How this works: `HttpListener` holds what one listener shares (config, pool, backend connection pool,
+stats, the set of live connections). Each accepted connection is an `HttpConnection`, a `Channel` whose
+task loops: read a request head (idle wait bounded by `client_timeout`, or `header_timeout` for the first
+request; once a byte arrived the whole head must come within `header_timeout`, else 408), parse it strictly
+(`http_codec`), pick a backend with `pool.choose()`, take a pooled keep-alive connection to it or connect
+(connect failures are reported to the pool and retried on other backends, at most `retries` more), send the
+rewritten head (hop-by-hop headers stripped; X-Forwarded-For appended, X-Forwarded-Proto set, X-Request-ID
+kept or generated), then stream the request body from a helper task while the main task waits for the
+response head (`timeout` seconds, counted from when the request was fully sent; else 504), forwards 1xx
+interim responses, rewrites the final head and streams the response body. Bodies are never buffered whole:
+each side's `Channel` stops reading past its high-water mark and the writer waits for the other side's
+transport to drain, so a slow reader holds back the fast writer and memory stays bounded per connection.
+Requests are served strictly in order; pipelined requests wait in the client buffer (which is bounded too).
+
+Retries: a request is resent only (a) to another backend when the connect failed, nothing was sent yet;
+(b) on a fresh connection to the same backend when a *reused* pooled connection turned out dead (write
+failed or closed with no response byte) and the request is idempotent without a body (GET, HEAD, OPTIONS,
+TRACE, PUT, DELETE without body). Nothing is retried after a fresh connection took request bytes.
+
+Errors: no backend -> 503; every connect failed -> 502; backend closed or sent garbage before a response
+head -> 502; no head in time -> 504; backend fails after the head went out -> the client connection is
+aborted (the client sees a truncated response, never a wrong one). Bad requests are answered (400, 408,
+414, 431, 501, 505), counted by reason and the connection closed. The response to a request whose body
+was not read completely says `Connection: close`. Upgrade (WebSocket) is not supported: the Upgrade header
+is stripped, the backend answers a plain request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from halb.backend import Backend
+from halb.balancing.base import Context
+from halb.config_model import ListenerConfig
+from halb.errors import ProtocolError
+from halb.pool import Pool
+from halb.proxy.channel import Channel
+from halb.proxy.http_codec import (
+    IDEMPOTENT_METHODS,
+    MAX_RESPONSE_HEAD,
+    MAX_RESPONSE_LINE,
+    BodyFramer,
+    RequestHead,
+    ResponseHead,
+    find_head_end,
+    parse_request_head,
+    parse_response_head,
+    request_framer,
+    response_framer,
+)
+from halb.proxy.stats import HttpListenerStats
+from halb.proxy.upstream_pool import UpstreamPool
+
+log = logging.getLogger("halb.proxy.http")
+
+REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+# Request headers never forwarded as they came (hop-by-hop, or rewritten by the proxy).
+_REQ_SPECIAL = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"upgrade",
+        b"transfer-encoding",
+        b"content-length",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-request-id",
+    }
+)
+# Response headers dropped (hop-by-hop, or rewritten). Transfer-Encoding passes: bodies pass unchanged.
+_RESP_DROP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"content-length", b"x-request-id"}
+)
+# Connection-header tokens that may not remove end-to-end headers.
+_PROTECTED = frozenset({b"host"})
+
+BODY_FLUSH_BYTES = 1 << 20  # report backend bytes at least every MiB of a long response
+# After answering a request whose bytes were not all read (errors), keep reading and discarding for this
+# long after shutting our side, so the client reads the answer instead of a reset.
+LINGER_SECONDS = 2.0
+COALESCE_BYTES = 65536  # response body bytes copied behind the head to send both in one write
+
+
+class _DeadReused(Exception):
+    """A reused keep-alive connection was found closed before any response byte: resend on a fresh one."""
+
+
+class _ClientGone(Exception):
+    """The client closed inside its request body."""
+
+
+class HttpListener:
+    """State shared by the connections of one HTTP listener."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        pool: Pool,
+        upstream: UpstreamPool,
+        *,
+        scheme: str = "http",
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.upstream = upstream
+        self.scheme = scheme.encode()
+        self.loop = loop or asyncio.get_running_loop()
+        self.stats = HttpListenerStats()
+        self.connections: set[HttpConnection] = set()
+        self.lingering: set[asyncio.Transport] = set()
+        self.draining = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        hash_key = pool.config.hash_key
+        self._key_kind = 0
+        self._key_name = b""
+        if hash_key.startswith("header:"):
+            self._key_kind, self._key_name = 1, hash_key[7:].strip().lower().encode()
+        elif hash_key.startswith("cookie:"):
+            self._key_kind, self._key_name = 2, hash_key[7:].strip().encode()
+        elif hash_key == "path":
+            self._key_kind = 3
+
+    def protocol_factory(self) -> asyncio.Protocol:
+        return HttpConnection(self)
+
+    def hash_key(self, req: RequestHead) -> str:
+        """The balancing key of a request per `pool.config.hash_key` ("" = use the client IP)."""
+        kind = self._key_kind
+        if kind == 0:
+            return ""
+        if kind == 1:
+            value = req.header(self._key_name)
+            return value.decode("latin-1") if value else ""
+        if kind == 2:
+            name = self._key_name
+            for hname, value in req.headers:
+                if hname.lower() != b"cookie":
+                    continue
+                for part in value.split(b";"):
+                    key, sep, val = part.strip(b" \t").partition(b"=")
+                    if sep and key == name:
+                        return val.strip(b'"').decode("latin-1")
+            return ""
+        return req.path.decode("latin-1")
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def connection_done(self, conn: HttpConnection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.stats.client_connections_active -= 1
+        if not self.connections:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    def begin_drain(self) -> None:
+        """Finish in-flight requests with `Connection: close`; close idle keep-alive connections now."""
+        self.draining = True
+        for conn in list(self.connections):
+            if conn.idle and not conn.buf:
+                conn.close()
+
+    async def wait_idle(self) -> None:
+        if not self.connections:
+            return
+        waiter = self.loop.create_future()
+        self._idle_waiters.append(waiter)
+        await waiter
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The tasks of live connections (for a clean shutdown)."""
+        return [c.task for c in self.connections if c.task is not None and not c.task.done()]
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+        for transport in list(self.lingering):
+            transport.abort()
+        self.lingering.clear()
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(conn.buffered + conn.upstream_buffered for conn in self.connections)
+
+
+class HttpConnection(Channel):
+    """One client connection: protocol callbacks feed the buffer, `_run()` serves requests in order."""
+
+    def __init__(self, listener: HttpListener) -> None:
+        super().__init__(listener.loop)
+        self.listener = listener
+        self.client_ip = ""
+        self.task: asyncio.Task[None] | None = None
+        self.idle = True  # waiting for the next request's first byte
+        self.finished = False
+        self.upstream_channel: Channel | None = None
+        self._method = b"GET"
+        self._linger = False  # close with a lingering close (the client may still be sending)
+        self._discarding = False
+        self._pump_sent = 0
+        self._pump_done_at: float | None = None
+
+    # --- protocol ------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else ""
+        listener = self.listener
+        listener.connections.add(self)
+        listener.stats.client_connections_active += 1
+        listener.stats.client_connections_total += 1
+        self.task = self.loop.create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self._discarding:
+            return False  # lingering close done: let the transport close
+        return super().eof_received()
+
+    def on_lost(self) -> None:
+        # The client is gone: stop whatever the connection's task waits for (a backend, a timer).
+        task = self.task
+        if not self.finished and task is not None and not task.done():
+            task.cancel()
+
+    @property
+    def upstream_buffered(self) -> int:
+        up = self.upstream_channel
+        return up.buffered if up is not None else 0
+
+    # --- the connection's task -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        listener = self.listener
+        try:
+            first = True
+            while not self.closed:
+                head = await self._read_head(first)
+                if head is None:
+                    break
+                first = False
+                if not await self._exchange(head) or listener.draining:
+                    break
+        except ProtocolError as exc:
+            listener.stats.count_bad_request(exc.reason)
+            self._send_error(exc.status, str(exc))
+        except asyncio.CancelledError:
+            pass
+        except (OSError, TimeoutError, _ClientGone) as exc:
+            log.debug("client %s: %r", self.client_ip, exc)
+        except Exception:
+            log.exception("unexpected error serving HTTP client %s", self.client_ip)
+        finally:
+            self.finished = True
+            self._close_client()
+            listener.connection_done(self)
+
+    def _close_client(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.closed:
+            return
+        listener = self.listener
+        if self._linger and not self.eof and transport.can_write_eof():
+            # Lingering close: send our FIN after the answer, discard what the client still sends until
+            # its FIN (the transport then closes) or LINGER_SECONDS pass.
+            self._discarding = True
+            self.buf = bytearray()
+            if self._read_paused:
+                self._read_paused = False
+                transport.resume_reading()
+            transport.write_eof()
+            listener.lingering.add(transport)
+            self.loop.call_later(LINGER_SECONDS, self._end_linger, transport)
+            return
+        transport.close()
+        # A client that never reads the rest of a response must not pin the socket forever.
+        if transport.get_write_buffer_size():
+            listener.lingering.add(transport)
+            self.loop.call_later(listener.config.client_timeout, self._end_linger, transport)
+
+    def _end_linger(self, transport: asyncio.Transport) -> None:
+        self.listener.lingering.discard(transport)
+        if not self.closed:
+            transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.listener.lingering.discard(self.transport)
+        super().connection_lost(exc)
+
+    async def _read_head(self, first: bool) -> RequestHead | None:
+        listener = self.listener
+        config = listener.config
+        loop = self.loop
+        # Idle: wait for the first byte of the next request (empty lines before it are skipped).
+        self.idle = True
+        self._method = b""
+        deadline = loop.time() + (config.header_timeout if first else config.client_timeout)
+        while True:
+            buf = self.buf
+            skip = 0
+            while buf.startswith(b"\r\n", skip):
+                skip += 2
+            if skip:
+                del buf[:skip]
+            if buf:
+                break
+            if self.eof or self.closed or listener.draining:
+                return None
+            try:
+                await self.wait_more(deadline)
+            except TimeoutError:
+                return None
+        self.idle = False
+        # The head: complete within header_timeout of its first byte.
+        deadline = loop.time() + config.header_timeout
+        while True:
+            end = find_head_end(self.buf, config.max_request_line, config.max_header_bytes)
+            if end > 0:
+                break
+            if self.closed:
+                return None
+            if self.eof:
+                raise ProtocolError("incomplete request head", 400, "incomplete")
+            try:
+                await self.wait_more(deadline)
+            except TimeoutError:
+                raise ProtocolError("request head not received in time", 408, "timeout") from None
+        data = self.take(end)
+        listener.stats.bytes_in += end
+        return parse_request_head(data, config.max_request_line, config.max_header_bytes)
+
+    async def _exchange(self, req: RequestHead) -> bool:
+        """Serve one request; True when the client connection may carry another one."""
+        listener = self.listener
+        stats = listener.stats
+        pool = listener.pool
+        stats.requests_total += 1
+        self._method = req.method
+        rid, out_head = self._request_head(req)
+        framer = request_framer(req)
+        initial: bytes | bytearray = b""
+        if not framer.done and self.buf:
+            try:
+                n = framer.feed(self.buf)
+            except ProtocolError as exc:
+                stats.count_bad_request(exc.reason)
+                self._send_error(exc.status, str(exc), rid)
+                return False
+            initial = self.take(n)
+            stats.bytes_in += n
+        keep_ok = req.keep_alive and not listener.draining
+        ctx = Context(self.client_ip, listener.hash_key(req), self.loop.time())
+        try:
+            backend = pool.choose(ctx)
+        except Exception:
+            log.exception("pool %s: choosing a backend failed", pool.name)
+            backend = None
+        if backend is None:
+            stats.no_backend_total += 1
+            keep = keep_ok and framer.done
+            self._send_error(
+                503, f'no healthy backend in pool "{pool.name}"', rid, keep=keep, minor=req.minor
+            )
+            return keep
+        stats.in_flight += 1
+        try:
+            return await self._forward(req, ctx, backend, out_head, initial, framer, rid)
+        finally:
+            stats.in_flight -= 1
+            self.upstream_channel = None
+
+    async def _forward(
+        self,
+        req: RequestHead,
+        ctx: Context,
+        backend: Backend,
+        out_head: bytes,
+        initial: bytes | bytearray,
+        framer: BodyFramer,
+        rid: bytes,
+    ) -> bool:
+        listener = self.listener
+        idempotent = req.method in IDEMPOTENT_METHODS
+        may_resend = idempotent and framer.done and not initial
+        tried: list[Backend] = []
+        allow_reuse = True
+        while True:
+            got = await self._connect(ctx, backend, tried, allow_reuse, idempotent)
+            if got is None:
+                listener.stats.backend_errors_total += 1
+                return self._fail(
+                    502,
+                    f'no backend of pool "{listener.pool.name}" accepted a connection',
+                    req,
+                    rid,
+                    framer.done,
+                )
+            backend, up, reused = got
+            self.upstream_channel = up
+            try:
+                return await self._relay(
+                    req, backend, up, reused and may_resend, out_head, initial, framer, rid
+                )
+            except _DeadReused:
+                listener.stats.reconnects_total += 1
+                allow_reuse = False
+            finally:
+                backend.on_connection_closed()
+
+    async def _connect(
+        self, ctx: Context, backend: Backend, tried: list[Backend], allow_reuse: bool, idempotent: bool
+    ) -> tuple[Backend, Channel, bool] | None:
+        """A connection to `backend` (pooled if allowed) or, after connect failures, to another backend."""
+        listener = self.listener
+        pool = listener.pool
+        config = pool.config
+        while True:
+            backend.on_connection_opened()
+            if allow_reuse:
+                up = listener.upstream.acquire(backend, self.loop.time(), idempotent=idempotent)
+                if up is not None:
+                    return backend, up, True
+            try:
+                up = await listener.upstream.connect(backend, config.connect_timeout)
+            except (OSError, TimeoutError) as exc:
+                backend.on_connection_closed()
+                log.debug("connect to %s (%s) failed: %r", backend.name, backend.address, exc)
+                pool.report_connect_failure(backend)
+                listener.stats.connect_failures_total += 1
+                tried.append(backend)
+                if len(tried) > config.retries:
+                    return None
+                nxt = pool.choose(ctx, tried)
+                if nxt is None:
+                    return None
+                listener.stats.retries_total += 1
+                backend = nxt
+                continue
+            except BaseException:
+                backend.on_connection_closed()
+                raise
+            return backend, up, False
+
+    async def _relay(
+        self,
+        req: RequestHead,
+        backend: Backend,
+        up: Channel,
+        may_resend: bool,
+        out_head: bytes,
+        initial: bytes | bytearray,
+        framer: BodyFramer,
+        rid: bytes,
+    ) -> bool:
+        """Send the request on `up` and stream the response back. True = client connection stays open."""
+        listener = self.listener
+        stats = listener.stats
+        loop = self.loop
+        timeout = listener.pool.config.timeout
+        sent = len(out_head) + len(initial)
+        received = 0
+        flushed_sent = flushed_received = 0
+        reusable = False
+        pump: asyncio.Task[None] | None = None
+        self._pump_sent = 0
+        self._pump_done_at = None
+        received_before = up.received
+        t0 = loop.time()
+        try:
+            try:
+                up.write(out_head + initial if initial else out_head)
+            except ConnectionError:
+                if may_resend:
+                    raise _DeadReused from None
+                stats.backend_errors_total += 1
+                return self._fail(502, f"backend {backend.name} closed the connection", req, rid, framer.done)
+            if not framer.done:
+                pump = loop.create_task(self._pump(framer, up))
+
+            # --- the response head (after any 1xx interim responses)
+            deadline = t0 + timeout
+            while True:
+                if up.buf:
+                    try:
+                        end = find_head_end(up.buf, MAX_RESPONSE_LINE, MAX_RESPONSE_HEAD, status=(502, 502))
+                        resp = parse_response_head(up.take(end)) if end > 0 else None
+                    except ProtocolError as exc:
+                        stats.backend_errors_total += 1
+                        return self._fail(
+                            502,
+                            f"backend {backend.name} sent an invalid response: {exc}",
+                            req,
+                            rid,
+                            framer.done,
+                        )
+                    if resp is not None:
+                        received += end
+                        if resp.status >= 200:
+                            break
+                        if resp.status == 101:
+                            stats.backend_errors_total += 1
+                            return self._fail(
+                                502, f"backend {backend.name} switched protocols", req, rid, framer.done
+                            )
+                        if req.minor == 1:
+                            interim = self._response_head(resp, b"", True, 1, interim=True)
+                            self.write(interim)
+                            stats.bytes_out += len(interim)
+                        deadline = loop.time() + timeout
+                        continue
+                if up.eof or up.closed:
+                    err = _pump_error(pump)
+                    if err is not None:
+                        return self._pump_failed(err, rid)
+                    if may_resend and up.received == received_before:
+                        raise _DeadReused
+                    stats.backend_errors_total += 1
+                    return self._fail(
+                        502, f"backend {backend.name} closed the connection", req, rid, framer.done
+                    )
+                try:
+                    await up.wait_more(deadline)
+                except TimeoutError:
+                    now = loop.time()
+                    if pump is not None:
+                        if not pump.done():
+                            deadline = now + timeout  # still uploading: the clock starts when it is sent
+                            continue
+                        done_at = self._pump_done_at
+                        if done_at is not None and done_at + timeout > now:
+                            deadline = done_at + timeout
+                            continue
+                    stats.backend_errors_total += 1
+                    return self._fail(
+                        504,
+                        f"backend {backend.name} did not answer within {timeout:g}s",
+                        req,
+                        rid,
+                        framer.done,
+                    )
+
+            backend.on_response(loop.time() - t0)
+            rframer = response_framer(req.method, resp)
+            keep = (
+                req.keep_alive
+                and framer.done  # else the backend answered before the whole request body was read
+                and not listener.draining
+                and not rframer.close_delimited
+                and (req.minor == 1 or not resp.chunked)
+            )
+            head = self._response_head(resp, rid, keep, req.minor)
+            out_bytes = len(head)
+            if up.buf and not rframer.done:
+                # Body bytes that came with the head leave in the same write (one syscall less).
+                try:
+                    n = rframer.feed(up.buf)
+                except ProtocolError as exc:
+                    stats.backend_errors_total += 1
+                    msg = f"backend {backend.name} sent an invalid response body: {exc}"
+                    return self._fail(502, msg, req, rid, framer.done)
+                if n:
+                    body = up.take(n)
+                    received += n
+                    out_bytes += n
+                    if n <= COALESCE_BYTES:
+                        head += body
+                    else:
+                        self.write(head)
+                        head = body
+            self.write(head)
+            stats.count_response(resp.status)
+
+            # --- the response body
+            client_timeout = listener.config.client_timeout
+            try:
+                while not rframer.done:
+                    buf = up.buf
+                    if buf:
+                        n = rframer.feed(buf)
+                        if n:
+                            self.write(up.take(n))
+                            received += n
+                            out_bytes += n
+                            if received - flushed_received >= BODY_FLUSH_BYTES:
+                                sent += self._pump_sent
+                                self._pump_sent = 0
+                                backend.on_bytes(
+                                    sent - flushed_sent, received - flushed_received, loop.time()
+                                )
+                                flushed_sent, flushed_received = sent, received
+                            if self.write_paused:
+                                await self.drain(loop.time() + client_timeout)
+                        continue
+                    if up.eof:
+                        rframer.eof()  # ProtocolError unless the body ends at close
+                        break
+                    if up.closed:
+                        raise ConnectionResetError("backend connection lost inside the response")
+                    await up.wait_more(loop.time() + timeout)
+            except (ProtocolError, ConnectionError, OSError, TimeoutError) as exc:
+                # The head went out already: the only honest signal left is to abort the client connection.
+                log.debug("response from %s to %s aborted: %r", backend.name, self.client_ip, exc)
+                if not self.closed:
+                    stats.backend_errors_total += 1
+                self.abort()
+                return False
+            finally:
+                stats.bytes_out += out_bytes
+
+            if not framer.done or (pump is not None and _pump_error(pump) is not None):
+                # The request body was not read to its end: the client stream is out of sync.
+                keep = False
+                self._linger = True
+            reusable = (
+                resp.keep_alive
+                and not rframer.close_delimited
+                and framer.done
+                and (pump is None or (pump.done() and _pump_error(pump) is None))
+                and not up.buf
+                and not up.eof
+                and not up.closed
+            )
+            return keep
+        finally:
+            if pump is not None:
+                if not pump.done():
+                    pump.cancel()
+                elif not pump.cancelled():
+                    pump.exception()  # retrieved; its outcome was handled above
+            sent += self._pump_sent
+            self._pump_sent = 0
+            if reusable:
+                listener.upstream.release(backend, up, loop.time())
+            else:
+                up.abort()
+            backend.on_bytes(sent - flushed_sent, received - flushed_received, loop.time())
+
+    async def _pump(self, framer: BodyFramer, up: Channel) -> None:
+        """Forward the rest of the request body to the backend, beside the response reader."""
+        listener = self.listener
+        loop = self.loop
+        stats = listener.stats
+        client_timeout = listener.config.client_timeout
+        timeout = listener.pool.config.timeout
+        try:
+            while not framer.done:
+                if self.buf:
+                    n = framer.feed(self.buf)
+                    data = self.take(n)
+                    stats.bytes_in += n
+                    self._pump_sent += n
+                    try:
+                        up.write(data)
+                        if up.write_paused:
+                            await up.drain(loop.time() + timeout)
+                    except ConnectionError:
+                        return  # the backend is gone; the response side reports it
+                    except TimeoutError:
+                        up.abort()  # the backend stopped reading: the response side reports it
+                        return
+                    continue
+                if self.closed or self.eof:
+                    raise _ClientGone("client closed inside the request body")
+                await self.wait_more(loop.time() + client_timeout)
+            self._pump_done_at = loop.time()
+        except BaseException:
+            up.abort()  # wakes the response side, which looks at this task's outcome
+            raise
+
+    def _pump_failed(self, err: BaseException, rid: bytes) -> bool:
+        stats = self.listener.stats
+        if isinstance(err, ProtocolError):
+            stats.count_bad_request(err.reason)
+            self._send_error(err.status, str(err), rid)
+        elif isinstance(err, TimeoutError):
+            stats.count_bad_request("body_timeout")
+            self._send_error(408, "request body not received in time", rid)
+        else:
+            log.debug("client %s: request body: %r", self.client_ip, err)
+        return False
+
+    # --- heads ---------------------------------------------------------------------------------------
+    def _request_head(self, req: RequestHead) -> tuple[bytes, bytes]:
+        """The head sent upstream, and the request id."""
+        out = [req.method, b" ", req.target, b" ", req.version, b"\r\n"]
+        tokens = req.connection_tokens
+        xff: bytes | None = None
+        rid: bytes | None = None
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname in _REQ_SPECIAL:
+                if lname == b"x-forwarded-for":
+                    xff = value if xff is None else xff + b", " + value
+                elif lname == b"x-request-id":
+                    if rid is None and value:
+                        rid = value
+                elif lname == b"te" and value.lower() == b"trailers":
+                    out += (name, b": ", value, b"\r\n")
+                continue
+            if tokens and lname in tokens and lname not in _PROTECTED:
+                continue
+            out += (name, b": ", value, b"\r\n")
+        if req.chunked:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        elif req.content_length is not None:
+            out.append(b"Content-Length: %d\r\n" % req.content_length)
+        client_ip = self.client_ip.encode()
+        if rid is None:
+            rid = b"%032x" % random.getrandbits(128)
+        out += (
+            b"X-Forwarded-For: ",
+            client_ip if xff is None else xff + b", " + client_ip,
+            b"\r\nX-Forwarded-Proto: ",
+            self.listener.scheme,
+            b"\r\nX-Request-ID: ",
+            rid,
+            b"\r\nConnection: keep-alive\r\n\r\n" if req.minor == 0 else b"\r\n\r\n",
+        )
+        return rid, b"".join(out)
+
+    @staticmethod
+    def _response_head(
+        resp: ResponseHead, rid: bytes, keep: bool, minor: int, *, interim: bool = False
+    ) -> bytes:
+        out = [b"HTTP/1.1 %d " % resp.status, resp.reason, b"\r\n"]
+        tokens = resp.connection_tokens
+        for name, value in resp.headers:
+            lname = name.lower()
+            if lname in _RESP_DROP or (tokens and lname in tokens):
+                continue
+            out += (name, b": ", value, b"\r\n")
+        if interim:
+            out.append(b"\r\n")
+            return b"".join(out)
+        if resp.content_length is not None:
+            out.append(b"Content-Length: %d\r\n" % resp.content_length)
+        if rid:
+            out += (b"X-Request-ID: ", rid, b"\r\n")
+        if not keep:
+            out.append(b"Connection: close\r\n\r\n")
+        elif minor == 0:
+            out.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            out.append(b"\r\n")
+        return b"".join(out)
+
+    def _fail(self, status: int, message: str, req: RequestHead, rid: bytes, body_done: bool) -> bool:
+        """Answer a request that got no response from a backend; True when the connection stays open.
+
+        It stays open only when the whole request body was read from the client (the stream is in sync).
+        """
+        keep = req.keep_alive and body_done and not self.listener.draining
+        self._send_error(status, message, rid, keep=keep, minor=req.minor)
+        return keep
+
+    def _send_error(
+        self, status: int, message: str, rid: bytes | None = None, *, keep: bool = False, minor: int = 1
+    ) -> None:
+        body = message.encode("utf-8", "replace") + b"\n"
+        parts = [
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"Cache-Control: no-store\r\n" % (status, REASONS.get(status, b"Error"), len(body))
+        ]
+        if rid:
+            parts += (b"X-Request-ID: ", rid, b"\r\n")
+        if not keep:
+            parts.append(b"Connection: close\r\n")
+            self._linger = True
+        elif minor == 0:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        if self._method != b"HEAD":
+            parts.append(body)
+        data = b"".join(parts)
+        try:
+            self.write(data)
+        except ConnectionError:
+            return
+        stats = self.listener.stats
+        stats.count_response(status)
+        stats.bytes_out += len(data)
+
+
+def _pump_error(pump: asyncio.Task[None] | None) -> BaseException | None:
+    if pump is None or not pump.done() or pump.cancelled():
+        return None
+    return pump.exception()

@@ -1,0 +1,193 @@
+"""`ProxyServer`: binds the listeners of one worker process and runs their HTTP or TCP proxies.
+
+How this works: `start()` binds one socket per listener with SO_REUSEADDR and SO_REUSEPORT (so N worker
+processes can each bind the same address and the kernel spreads connections among them) and serves it
+with `loop.create_server`, using the listener's HTTP (`http_proxy.HttpListener`) or TCP
+(`tcp_proxy.TcpListener`) handler. All HTTP listeners share one `UpstreamPool` of keep-alive backend
+connections. A housekeeping task ticks twice a second: expires idle backend connections, reports TCP bytes
+to backends and enforces the TCP idle timeout.
+
+Shutdown is in steps: `stop_accepting()` closes the listening sockets; `drain(timeout)` lets in-flight
+requests finish (their responses say `Connection: close`), closes idle keep-alive connections at once and
+returns True when nothing is left or False at the timeout (TCP sessions simply run until they end);
+`close()` aborts whatever remains. `stats()` is what the admin API serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+from halb.config_model import ListenerConfig
+from halb.pool import Pool
+from halb.proxy.http_proxy import HttpListener
+from halb.proxy.tcp_proxy import TcpListener
+from halb.proxy.upstream_pool import UpstreamPool
+
+log = logging.getLogger("halb.proxy")
+
+HOUSEKEEPING_INTERVAL = 0.5
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        listeners: list[ListenerConfig],
+        pools: dict[str, Pool],
+        *,
+        upstream_idle_timeout: float = 15.0,
+        upstream_max_idle: int = 64,
+        tls_listeners: frozenset[str] = frozenset(),
+    ) -> None:
+        for listener in listeners:
+            if listener.pool not in pools:
+                raise ValueError(f"listener {listener.name!r}: unknown pool {listener.pool!r}")
+            if listener.mode not in ("http", "tcp"):
+                raise ValueError(f"listener {listener.name!r}: unknown mode {listener.mode!r}")
+        self.listeners = list(listeners)
+        self.pools = pools
+        self.upstream = UpstreamPool(
+            idle_timeout=upstream_idle_timeout, max_idle_per_backend=upstream_max_idle
+        )
+        self._tls = tls_listeners
+        self._handlers: dict[str, HttpListener | TcpListener] = {}
+        self._servers: dict[str, asyncio.Server] = {}
+        self._addresses: dict[str, tuple[str, int]] = {}
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        """Bind and serve every listener. Raises OSError naming the listener when a bind fails."""
+        if self._started:
+            raise RuntimeError("ProxyServer already started")
+        self._started = True
+        loop = asyncio.get_running_loop()
+        try:
+            for config in self.listeners:
+                pool = self.pools[config.pool]
+                handler: HttpListener | TcpListener
+                if config.mode == "http":
+                    scheme = "https" if config.name in self._tls else "http"
+                    handler = HttpListener(config, pool, self.upstream, scheme=scheme, loop=loop)
+                else:
+                    handler = TcpListener(config, pool, loop=loop)
+                sock = await _bind(config, loop)
+                try:
+                    server = await loop.create_server(
+                        handler.protocol_factory, sock=sock, backlog=config.backlog
+                    )
+                except OSError as exc:
+                    sock.close()
+                    raise OSError(
+                        exc.errno, f"listener {config.name!r}: cannot listen on {config.bind}: {exc}"
+                    ) from exc
+                self._handlers[config.name] = handler
+                self._servers[config.name] = server
+                name = sock.getsockname()
+                self._addresses[config.name] = (str(name[0]), int(name[1]))
+                log.info(
+                    "listener %s (%s) on %s -> pool %s", config.name, config.mode, config.bind, config.pool
+                )
+        except BaseException:
+            for server in self._servers.values():
+                server.close()
+            self._servers.clear()
+            raise
+        self._housekeeping = loop.create_task(self._housekeep())
+
+    def address(self, listener: str) -> tuple[str, int]:
+        """The bound (host, port) of a listener (useful with port 0)."""
+        return self._addresses[listener]
+
+    def stop_accepting(self) -> None:
+        for server in self._servers.values():
+            server.close()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting, let in-flight work finish; True if everything finished within `timeout`."""
+        self.stop_accepting()
+        for handler in self._handlers.values():
+            handler.begin_drain()
+        self.upstream.close_all()
+        waits = [asyncio.ensure_future(h.wait_idle()) for h in self._handlers.values()]
+        if not waits:
+            return True
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+        for fut in pending:
+            fut.cancel()
+        return not pending
+
+    async def close(self) -> None:
+        """Abort every connection and stop."""
+        self.stop_accepting()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+            self._housekeeping = None
+        tasks: list[asyncio.Task[None]] = []
+        for handler in self._handlers.values():
+            tasks.extend(handler.tasks())
+            handler.close_all()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        self.upstream.close_all()
+        for server in self._servers.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        self._servers.clear()
+
+    def stats(self) -> dict[str, object]:
+        listeners: dict[str, object] = {}
+        for name, handler in self._handlers.items():
+            entry = handler.stats.as_dict()
+            entry["pool"] = handler.config.pool
+            entry["bind"] = str(handler.config.bind)
+            entry["draining"] = handler.draining
+            listeners[name] = entry
+        return {"listeners": listeners, "upstream": self.upstream.stats()}
+
+    def buffered_bytes(self) -> int:
+        """Bytes held in user space by all connections (read buffers + transport write buffers)."""
+        return sum(h.buffered_bytes for h in self._handlers.values())
+
+    async def _housekeep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            now = loop.time()
+            try:
+                self.upstream.sweep(now)
+                for handler in self._handlers.values():
+                    if isinstance(handler, TcpListener):
+                        handler.tick(now)
+            except Exception:
+                log.exception("proxy housekeeping failed")
+
+
+async def _bind(config: ListenerConfig, loop: asyncio.AbstractEventLoop) -> socket.socket:
+    host = config.bind.host or None
+    try:
+        infos = await loop.getaddrinfo(
+            host, config.bind.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise OSError(f"listener {config.name!r}: cannot resolve bind address {config.bind}: {exc}") from exc
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno, f"listener {config.name!r}: cannot bind {config.bind}: {exc.strerror}"
+        ) from exc
+    return sock

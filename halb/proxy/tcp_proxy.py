@@ -1,0 +1,330 @@
+"""The TCP proxy: each client connection is relayed byte for byte to one backend, with callbacks only.
+
+How this works: `TcpSession` is the protocol of the client connection and `_UpstreamSide` the protocol of
+its backend connection; data received on one side is written straight to the other side's transport (no
+coroutine, no copy in user space on the hot path). Backpressure is the transports' own: when one side's
+write buffer passes its high-water mark (`pause_writing`), the *other* side stops reading until it drains
+(`resume_writing`), so memory stays bounded whatever the speed difference. Half-close is relayed: EOF from
+one side becomes `write_eof()` on the other, the remaining direction keeps flowing, and the session ends
+when both directions are shut (or either side errors, or nothing moved for `client_timeout`).
+
+On accept, the client is paused while a short task picks a backend (`pool.choose`, Context with the
+client IP) and connects within `connect_timeout`; a failed connect is reported to the pool and retried on
+another backend (at most `retries` more). No backend: the client connection is closed. Stats: the backend's
+`active_connections` counts open sessions, `on_response(duration)` is called at the end of each session,
+and `on_bytes` about once per housekeeping tick (`TcpListener.tick`, which also enforces the idle timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+from halb.backend import Backend
+from halb.balancing.base import Context
+from halb.config_model import ListenerConfig
+from halb.pool import Pool
+from halb.proxy.stats import TcpListenerStats
+
+log = logging.getLogger("halb.proxy.tcp")
+
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class TcpListener:
+    def __init__(
+        self, config: ListenerConfig, pool: Pool, *, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.loop = loop or asyncio.get_running_loop()
+        self.stats = TcpListenerStats()
+        self.sessions: set[TcpSession] = set()
+        self.draining = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
+
+    def protocol_factory(self) -> asyncio.Protocol:
+        return TcpSession(self)
+
+    def session_done(self, session: TcpSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.stats.connections_active -= 1
+        if not self.sessions:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    def tick(self, now: float) -> None:
+        """Housekeeping: report bytes to backends, close sessions idle longer than `client_timeout`."""
+        timeout = self.config.client_timeout
+        for session in list(self.sessions):
+            session.flush_bytes(now)
+            total = session.bytes_up + session.bytes_down
+            if total != session.seen_bytes:
+                session.seen_bytes = total
+                session.idle_since = now
+            elif now - session.idle_since >= timeout:
+                self.stats.idle_timeouts_total += 1
+                session.finish(abort=True)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self) -> None:
+        if not self.sessions:
+            return
+        waiter = self.loop.create_future()
+        self._idle_waiters.append(waiter)
+        await waiter
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Connect tasks still running (for a clean shutdown)."""
+        return [
+            s.connect_task for s in self.sessions if s.connect_task is not None and not s.connect_task.done()
+        ]
+
+    def close_all(self) -> None:
+        for session in list(self.sessions):
+            session.finish(abort=True)
+
+    @property
+    def buffered_bytes(self) -> int:
+        total = 0
+        for session in self.sessions:
+            for transport in (session.client, session.upstream):
+                if transport is not None and not transport.is_closing():
+                    total += transport.get_write_buffer_size()
+        return total
+
+
+class TcpSession(asyncio.Protocol):
+    """Client side of one relayed connection (and owner of the session state)."""
+
+    def __init__(self, listener: TcpListener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.backend: Backend | None = None
+        self.client_ip = ""
+        self.client_eof = False
+        self.upstream_eof = False
+        self.closed = False
+        self.bytes_up = 0  # client -> backend
+        self.bytes_down = 0  # backend -> client
+        self.seen_bytes = 0
+        self.idle_since = 0.0
+        self.started = 0.0
+        self._flushed_up = 0
+        self._flushed_down = 0
+        self._pending: list[bytes] = []
+        self.connect_task: asyncio.Task[None] | None = None
+
+    # --- client side protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.client = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        transport.pause_reading()  # until the backend is connected
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else ""
+        listener = self.listener
+        listener.sessions.add(self)
+        listener.stats.connections_active += 1
+        listener.stats.connections_total += 1
+        self.started = self.idle_since = self.loop.time()
+        self.connect_task = self.loop.create_task(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_up += len(data)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(data)
+        else:
+            # Not connected yet (uvloop starts reading despite the pause in connection_made): hold it.
+            self._pending.append(data)
+            if self.client is not None:
+                self.client.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        upstream = self.upstream
+        if upstream is not None:
+            if self.upstream_eof:
+                self.finish()
+            else:
+                _shut_write(upstream)
+        return True
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finish(abort=exc is not None)
+
+    # --- backend side (called by _UpstreamSide) ------------------------------------------------------
+    def on_upstream_connected(self, transport: asyncio.Transport) -> None:
+        """The backend connection is up: from now on client bytes go straight to it, in order."""
+        self.upstream = transport
+        for data in self._pending:
+            transport.write(data)
+        self._pending.clear()
+        if self.client_eof:
+            _shut_write(transport)
+
+    def on_upstream_data(self, data: bytes) -> None:
+        self.bytes_down += len(data)
+        client = self.client
+        if client is not None and not client.is_closing():
+            client.write(data)
+
+    def on_upstream_eof(self) -> None:
+        self.upstream_eof = True
+        if self.client_eof:
+            self.finish()
+        elif self.client is not None:
+            _shut_write(self.client)
+
+    def on_upstream_pause_writing(self) -> None:
+        if self.client is not None and self.upstream is not None:
+            self.client.pause_reading()
+
+    def on_upstream_resume_writing(self) -> None:
+        if self.client is not None and not self.client.is_closing():
+            self.client.resume_reading()
+
+    # --- session -------------------------------------------------------------------------------------
+    async def _connect(self) -> None:
+        listener = self.listener
+        pool = listener.pool
+        config = pool.config
+        stats = listener.stats
+        loop = self.loop
+        ctx = Context(self.client_ip, "", loop.time())
+        backend = pool.choose(ctx)
+        if backend is None:
+            stats.no_backend_total += 1
+            log.debug("no backend in pool %s for %s", pool.name, self.client_ip)
+            self.finish()
+            return
+        tried: list[Backend] = []
+        while True:
+            backend.on_connection_opened()
+            try:
+                async with asyncio.timeout(config.connect_timeout):
+                    await loop.create_connection(lambda: _UpstreamSide(self), backend.host, backend.port)
+            except (OSError, TimeoutError) as exc:
+                backend.on_connection_closed()
+                log.debug("connect to %s (%s) failed: %r", backend.name, backend.address, exc)
+                pool.report_connect_failure(backend)
+                stats.connect_failures_total += 1
+                tried.append(backend)
+                nxt = pool.choose(ctx, tried) if len(tried) <= config.retries else None
+                if nxt is None or self.closed:
+                    self.finish()
+                    return
+                stats.retries_total += 1
+                backend = nxt
+                continue
+            except BaseException:
+                backend.on_connection_closed()
+                raise
+            break
+        self.backend = backend
+        self.started = loop.time()
+        if self.closed:  # the client left while we connected (or the backend closed at once)
+            backend.on_connection_closed()
+            self.backend = None
+            if self.upstream is not None:
+                self.upstream.abort()
+            return
+        assert self.client is not None
+        self.client.resume_reading()
+
+    def finish(self, abort: bool = False) -> None:
+        """End the session: close both connections (flushing, or aborting on errors), report stats."""
+        if self.closed:
+            return
+        self.closed = True
+        task = self.connect_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        for transport in (self.client, self.upstream):
+            if transport is not None and not transport.is_closing():
+                if abort:
+                    transport.abort()
+                else:
+                    transport.close()
+        backend = self.backend
+        if backend is not None:
+            now = self.loop.time()
+            self.flush_bytes(now)
+            backend.on_connection_closed()
+            backend.on_response(now - self.started)
+            self.backend = None
+        self.listener.session_done(self)
+
+    def flush_bytes(self, now: float) -> None:
+        up = self.bytes_up - self._flushed_up
+        down = self.bytes_down - self._flushed_down
+        if not (up or down):
+            return
+        self._flushed_up = self.bytes_up
+        self._flushed_down = self.bytes_down
+        stats = self.listener.stats
+        stats.bytes_in += up
+        stats.bytes_out += down
+        if self.backend is not None:
+            self.backend.on_bytes(up, down, now)
+
+
+class _UpstreamSide(asyncio.Protocol):
+    """Backend side of a session: forwards every event to the session."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: TcpSession) -> None:
+        self.session = session
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        session = self.session
+        if session.closed:
+            transport.abort()
+            return
+        session.on_upstream_connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.session.on_upstream_data(data)
+
+    def eof_received(self) -> bool:
+        self.session.on_upstream_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self.session.on_upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.session.on_upstream_resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.finish(abort=exc is not None)
+
+
+def _shut_write(transport: asyncio.Transport) -> None:
+    if transport.is_closing():
+        return
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()

@@ -1,0 +1,134 @@
+"""`halb status`: fetch each node's /status and render it as rich tables, side by side."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from rich.columns import Columns
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+
+def fetch_status(admin: str, timeout: float = 2.0) -> dict[str, Any]:
+    """The status document of one node, or {"admin": ..., "error": ...} when it does not answer."""
+    url = f"http://{admin}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            doc = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return {"admin": admin, "error": f"unreachable: {reason}"}
+    doc["admin"] = admin
+    return doc
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def render_node(doc: dict[str, Any]) -> Panel:
+    if "error" in doc:
+        return Panel(Text(doc["error"], style="bold red"), title=f"[b]{doc['admin']}[/b]", border_style="red")
+    node = doc["node"]
+    parts: list[Any] = []
+    state_style = "green" if node["state"] == "serving" else "yellow"
+    summary = Text.assemble(
+        ("state ", "dim"),
+        (node["state"], state_style),
+        ("  pid ", "dim"),
+        str(node["pid"]),
+        ("  workers ", "dim"),
+        str(len(node["workers"])),
+        ("  up ", "dim"),
+        f"{node['uptime_seconds']:.0f}s",
+    )
+    parts.append(summary)
+    if doc.get("vrrp"):
+        parts.append(render_vrrp(doc["vrrp"]))
+    listeners = Table(title="listeners", title_justify="left", expand=False, box=None, pad_edge=False)
+    for col in ("name", "bind", "mode", "pool", "requests", "active"):
+        listeners.add_column(col)
+    for lc in doc["listeners"]:
+        listeners.add_row(
+            lc["name"],
+            lc["bind"],
+            lc["mode"],
+            lc["pool"],
+            str(lc.get("requests_total", 0)),
+            str(lc.get("active_connections", lc.get("client_connections_active", 0))),
+        )
+    parts.append(listeners)
+    for pool in doc["pools"]:
+        table = Table(
+            title=f"pool {pool['name']} ({pool['algorithm']}, {pool['healthy_backends']}/"
+            f"{pool['total_backends']} healthy)",
+            title_justify="left",
+        )
+        for col in (
+            "backend",
+            "address",
+            "health",
+            "weight",
+            "active",
+            "requests",
+            "fails",
+            "bytes",
+            "rt ewma",
+        ):
+            table.add_column(
+                col, justify="right" if col in ("weight", "active", "requests", "fails") else "left"
+            )
+        for b in pool["backends"]:
+            if b["draining"]:
+                health = Text("DRAIN", style="yellow")
+            elif b["healthy"]:
+                health = Text("UP", style="green")
+            else:
+                health = Text("DOWN", style="bold red")
+            weight = str(b["weight"])
+            if b["slowstart_factor"] < 1 and b["healthy"]:
+                weight += f" ({b['slowstart_factor']:.0%})"
+            rt = b["response_time_ewma_ms"]
+            table.add_row(
+                b["name"],
+                b["address"],
+                health,
+                weight,
+                str(b["active_connections"]),
+                str(b["requests_total"]),
+                str(b["connect_failures_total"]),
+                _fmt_bytes(b["bytes"]["to_backend"] + b["bytes"]["from_backend"]),
+                f"{rt:.1f} ms" if rt is not None else "-",
+            )
+        parts.append(table)
+    return Panel(Group(*parts), title=f"[b]{node['name']}[/b] {doc['admin']}", border_style=state_style)
+
+
+def render_vrrp(vrrp: dict[str, Any]) -> Table:
+    table = Table(title="vrrp", title_justify="left", box=None, pad_edge=False)
+    for col in ("instance", "state", "priority", "vips held", "last advert"):
+        table.add_column(col)
+    for inst in vrrp.get("instances", []):
+        table.add_row(
+            str(inst.get("name", "")),
+            str(inst.get("state", "")),
+            str(inst.get("priority", "")),
+            ", ".join(inst.get("vips_held", [])) or "-",
+            str(inst.get("last_advert", "-")),
+        )
+    return table
+
+
+def render(docs: list[dict[str, Any]], console: Console | None = None) -> None:
+    console = console or Console()
+    panels = [render_node(doc) for doc in docs]
+    console.print(Columns(panels) if len(panels) > 1 else panels[0])

@@ -1,0 +1,148 @@
+"""A proxy worker process (the data plane), started by the control process as `python -m halb.worker`.
+
+How this works: the worker reads its configuration from the control socket, builds its own pools, binds
+every listener with SO_REUSEPORT (N workers share each port; the kernel spreads connections), and reports
+`ready` or `error`. It then applies backend state pushed by the control process, reports failed connects at
+once and traffic statistics every `STATS_INTERVAL`. It never touches netlink, Raft or health probes. On
+`drain` or SIGTERM/SIGINT it stops accepting, lets in-flight requests finish up to the drain timeout and
+exits 0. It dies with its parent (PR_SET_PDEATHSIG, and EOF on the control socket).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from halb import ipc
+from halb.backend import Backend
+from halb.config_model import Config
+from halb.pools import apply_backend_states, backend_counters, build_pools
+
+STATS_INTERVAL = 0.25
+log = logging.getLogger("halb.worker")
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except OSError:  # not Linux/glibc: the EOF on the control socket still stops us
+        pass
+
+
+class Worker:
+    def __init__(self, index: int, config: Config, writer: asyncio.StreamWriter) -> None:
+        from halb.proxy.server import ProxyServer
+
+        self.index = index
+        self.config = config
+        self.writer = writer
+        self.pools = build_pools(config)
+        for pool in self.pools.values():
+            pool.on_connect_failure = self._make_failure_reporter(pool.name)
+        self.server = ProxyServer(list(config.listeners), self.pools)
+        self.draining = asyncio.Event()
+
+    def _make_failure_reporter(self, pool_name: str):  # type: ignore[no-untyped-def]
+        def report(backend: Backend) -> None:
+            ipc.send(self.writer, {"type": "connect_failed", "pool": pool_name, "backend": backend.name})
+
+        return report
+
+    def stats_message(self) -> dict[str, Any]:
+        return {
+            "type": "stats",
+            "index": self.index,
+            "pid": os.getpid(),
+            "backends": backend_counters(self.pools, time.monotonic()),
+            "pools": {name: {"no_backend_total": p.no_backend_total} for name, p in self.pools.items()},
+            "listeners": self.server.stats(),
+        }
+
+    async def report_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            ipc.send(self.writer, self.stats_message())
+
+    def handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "state":
+            apply_backend_states(self.pools, message["states"])
+        elif kind == "drain":
+            self.draining.set()
+        else:
+            log.warning("worker %d: unknown control message %r", self.index, kind)
+
+
+async def _serve(fd: int, index: int) -> int:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    first = await ipc.receive(reader)
+    config: Config = first["config"]
+    worker = Worker(index, config, writer)
+    try:
+        await worker.server.start()
+    except OSError as exc:
+        ipc.send(writer, {"type": "error", "message": str(exc)})
+        await writer.drain()
+        return 1
+    ipc.send(writer, {"type": "ready", "index": index, "pid": os.getpid()})
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.draining.set)
+
+    async def control_loop() -> None:
+        try:
+            while True:
+                worker.handle(await ipc.receive(reader))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.warning("worker %d: control process went away; draining", index)
+            worker.draining.set()
+
+    tasks = [asyncio.create_task(control_loop()), asyncio.create_task(worker.report_stats())]
+    await worker.draining.wait()
+    worker.server.stop_accepting()
+    await worker.server.drain(config.node.drain_timeout)
+    await worker.server.close()
+    with contextlib.suppress(Exception):
+        ipc.send(writer, worker.stats_message())
+        await writer.drain()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="halb.worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s worker[{args.index}] %(levelname)s %(name)s: %(message)s",
+    )
+    _die_with_parent()
+    if os.environ.get("HALB_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+
+            return uvloop.run(_serve(args.fd, args.index))
+        except ImportError:
+            pass
+    return asyncio.run(_serve(args.fd, args.index))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

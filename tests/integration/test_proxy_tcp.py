@@ -1,0 +1,319 @@
+"""The TCP proxy against real asyncio backends on loopback (no subprocesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig
+from halb.pool import Pool
+from halb.proxy.server import ProxyServer
+
+pytestmark = pytest.mark.timeout(10)
+
+_LOOP = ["asyncio"]
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def event_loop_kind(request: pytest.FixtureRequest) -> str:
+    """Every test runs on the stock asyncio loop and on uvloop (what worker processes use)."""
+    _LOOP[0] = request.param
+    return request.param
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]], timeout: float = 5.0) -> None:
+    factory = None
+    if _LOOP[0] == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(main(), timeout))
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def count_then_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads until EOF (the client's half-close), then answers and closes."""
+    total = 0
+    while data := await reader.read(65536):
+        total += len(data)
+    writer.write(b"got %d bytes" % total)
+    await writer.drain()
+    writer.close()
+
+
+@contextlib.asynccontextmanager
+async def backend(handler: StreamHandler) -> AsyncIterator[tuple[int, list[int]]]:
+    accepted: list[int] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.abort()
+            tasks.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], accepted
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1)
+
+
+def make_pool(ports: list[int], **pool_kw: Any) -> Pool:
+    config = PoolConfig(
+        name="db",
+        backends=tuple(BackendConfig(f"b{i}", HostPort("127.0.0.1", p)) for i, p in enumerate(ports)),
+        algorithm="round_robin",
+        health=HealthConfig(kind="none"),
+        **pool_kw,
+    )
+    return Pool(config)
+
+
+@contextlib.asynccontextmanager
+async def proxy(pool: Pool, **listener_kw: Any) -> AsyncIterator[tuple[ProxyServer, tuple[str, int]]]:
+    listener = ListenerConfig(name="tcp", bind=HostPort("127.0.0.1", 0), pool="db", mode="tcp", **listener_kw)
+    server = ProxyServer([listener], {"db": pool})
+    await server.start()
+    try:
+        yield server, server.address("tcp")
+    finally:
+        await server.close()
+
+
+async def poll(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+def listener_stats(server: ProxyServer) -> dict[str, Any]:
+    return server.stats()["listeners"]["tcp"]  # type: ignore[index,no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_echo_relay_and_stats() -> None:
+    async def main() -> None:
+        async with backend(echo) as (port, accepted), proxy(make_pool([port])) as (server, addr):
+            reader, writer = await asyncio.open_connection(*addr)
+            writer.write(b"hello")
+            assert await reader.readexactly(5) == b"hello"
+            blob = bytes(range(256)) * 4096  # 1 MiB
+            writer.write(blob)
+            assert await reader.readexactly(len(blob)) == blob
+            b0 = server.pools["db"].backends[0]
+            assert b0.active_connections == 1
+            assert listener_stats(server)["connections_active"] == 1
+            writer.close()
+            await poll(lambda: listener_stats(server)["connections_active"] == 0)
+            assert b0.active_connections == 0
+            assert b0.requests_total == 1 and b0.response_time_ewma is not None  # on_response at close
+            assert b0.bytes_to_backend == b0.bytes_from_backend == len(blob) + 5
+            stats = listener_stats(server)
+            assert stats["connections_total"] == 1
+            assert stats["bytes_in"] == stats["bytes_out"] == len(blob) + 5
+            assert accepted == [1]
+
+    run(main)
+
+
+def test_half_close_keeps_the_other_direction_flowing() -> None:
+    async def main() -> None:
+        async with backend(count_then_reply) as (port, _), proxy(make_pool([port])) as (server, addr):
+            reader, writer = await asyncio.open_connection(*addr)
+            writer.write(b"x" * 100_000)
+            await writer.drain()
+            writer.write_eof()  # shut our sending side only
+            assert await reader.read() == b"got 100000 bytes"  # ...and still receive until the backend closes
+            writer.close()
+            await poll(lambda: listener_stats(server)["connections_active"] == 0)
+
+    run(main)
+
+
+def test_backend_half_close_is_relayed_to_the_client() -> None:
+    async def speaks_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"banner")
+        writer.write_eof()  # backend done sending, still reading
+        data = await reader.read()
+        assert data == b"late data"
+
+    async def main() -> None:
+        async with backend(speaks_first) as (port, _), proxy(make_pool([port])) as (server, addr):
+            reader, writer = await asyncio.open_connection(*addr)
+            assert await reader.read() == b"banner"  # EOF relayed
+            writer.write(b"late data")  # the other direction still flows
+            writer.write_eof()
+            await poll(lambda: listener_stats(server)["connections_active"] == 0)
+            writer.close()
+
+    run(main)
+
+
+def test_connect_failure_is_retried_on_another_backend() -> None:
+    async def main() -> None:
+        dead = closed_port()
+        async with backend(echo) as (port, _):
+            pool = make_pool([dead, port], retries=1)
+            failed: list[str] = []
+            pool.on_connect_failure = lambda b: failed.append(b.name)
+            async with proxy(pool) as (server, addr):
+                for i in range(4):
+                    reader, writer = await asyncio.open_connection(*addr)
+                    writer.write(b"ping %d" % i)
+                    assert await reader.readexactly(6) == b"ping %d" % i
+                    writer.close()
+                assert failed and set(failed) == {"b0"}
+                assert pool.backends[0].connect_failures_total == len(failed)
+                await poll(lambda: listener_stats(server)["connections_active"] == 0)
+                assert listener_stats(server)["connect_failures_total"] == len(failed)
+                assert pool.backends[0].active_connections == 0 and pool.backends[1].active_connections == 0
+                assert pool.backends[1].requests_total == 4
+
+    run(main)
+
+
+def test_no_backend_or_all_failed_closes_the_client() -> None:
+    async def main() -> None:
+        pool = make_pool([closed_port(), closed_port()], retries=3)
+        async with proxy(pool) as (server, addr):
+            reader, writer = await asyncio.open_connection(*addr)
+            assert await reader.read() == b""
+            writer.close()
+            assert sum(b.connect_failures_total for b in pool.backends) == 2
+            for b in pool.backends:
+                pool.set_state(b.name, healthy=False)
+            reader, writer = await asyncio.open_connection(*addr)
+            assert await reader.read() == b""
+            writer.close()
+            await poll(lambda: listener_stats(server)["connections_active"] == 0)
+            assert listener_stats(server)["no_backend_total"] == 1
+            assert all(b.active_connections == 0 for b in pool.backends)
+
+    run(main)
+
+
+def test_idle_connections_time_out() -> None:
+    async def main() -> None:
+        async with backend(echo) as (port, _), proxy(make_pool([port]), client_timeout=0.3) as (server, addr):
+            reader, writer = await asyncio.open_connection(*addr)
+            writer.write(b"hi")
+            assert await reader.readexactly(2) == b"hi"
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""
+            assert 0.25 < loop.time() - t0 < 2.0
+            assert listener_stats(server)["idle_timeouts_total"] == 1
+            writer.close()
+
+    run(main)
+
+
+def test_slow_reader_keeps_proxy_memory_bounded() -> None:
+    total = 48 * 1024 * 1024
+    progress = [0]
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        chunk = b"y" * 65536
+        while progress[0] < total:
+            writer.write(chunk)
+            progress[0] += len(chunk)
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        async with backend(firehose) as (port, _), proxy(make_pool([port])) as (server, addr):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.connect(addr)
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+            last, stable = -1, 0
+            while stable < 20:
+                await asyncio.sleep(0.01)
+                stable = stable + 1 if progress[0] == last else 0
+                last = progress[0]
+            assert progress[0] < total
+            assert server.buffered_bytes() < 2 * 1024 * 1024
+            received = 0
+            while data := await reader.read(1 << 20):
+                received += len(data)
+            assert received == total
+            writer.close()
+
+    run(main, timeout=8)
+
+
+def test_client_reset_closes_the_backend_connection() -> None:
+    closed = asyncio.Event
+
+    async def main() -> None:
+        gone = closed()
+
+        async def waits(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                await reader.read()
+            gone.set()
+
+        async with backend(waits) as (port, _), proxy(make_pool([port])) as (server, addr):
+            _, writer = await asyncio.open_connection(*addr)
+            writer.write(b"x")
+            await writer.drain()
+            await poll(lambda: server.pools["db"].backends[0].active_connections == 1)
+            writer.transport.abort()
+            await asyncio.wait_for(gone.wait(), 2)
+            await poll(lambda: listener_stats(server)["connections_active"] == 0)
+
+    run(main)
+
+
+def test_drain_waits_for_tcp_sessions() -> None:
+    async def main() -> None:
+        async with backend(echo) as (port, _), proxy(make_pool([port])) as (server, addr):
+            reader, writer = await asyncio.open_connection(*addr)
+            writer.write(b"a")
+            assert await reader.readexactly(1) == b"a"
+            drain = asyncio.ensure_future(server.drain(3.0))
+            await asyncio.sleep(0.05)
+            assert not drain.done()
+            writer.write(b"b")  # still relayed while draining
+            assert await reader.readexactly(1) == b"b"
+            writer.close()
+            assert await drain is True
+            assert await server.drain(0.1) is True
+
+    run(main)
