@@ -1,4 +1,4 @@
-"""The `halb` command line: serve, check, status."""
+"""The `halb` command line: serve, check, status, vip release, demo-backend, lab."""
 
 from __future__ import annotations
 
@@ -103,6 +103,42 @@ def demo_backend(name: str, listen: str, load: float | None, delay: float) -> No
     address = parse_host_port(listen)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(DemoBackend(name, address.host, address.port, load, delay).serve_forever())
+
+
+@main.group()
+def vip() -> None:
+    """Virtual addresses of the [vrrp] section, outside a running node."""
+
+
+@vip.command("release")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+def vip_release(config_path: str) -> None:
+    """Remove the configured VIPs from the [vrrp] interface (idempotent).
+
+    Meant as the service manager's ExecStopPost: whatever way `halb serve` ended (SIGKILL included),
+    the node stops answering for the VIPs. Exit 0 when none is left (also without [vrrp]), 1 on a
+    netlink error, 2 on a config error.
+    """
+    config = _load_or_exit(config_path)
+    if config.vrrp is None:
+        click.echo(f"{config_path}: no [vrrp] section, nothing to release")
+        return
+    release_vips(config.vrrp.interface, config.vrrp.virtual_ips)
+
+
+def release_vips(interface: str, virtual_ips: tuple[str, ...]) -> None:
+    """`halb vip release` proper (the lab's supervisor calls it in-process)."""
+    from halb.vrrp.vip import VipError, release_stale
+
+    try:
+        removed = asyncio.run(release_stale(interface, virtual_ips))  # plain asyncio: pyroute2 needs it
+    except VipError as exc:
+        click.echo(f"halb vip release: {exc}", err=True)
+        sys.exit(1)
+    if removed:
+        click.echo(f"released {', '.join(removed)} from {interface}")
+    else:
+        click.echo(f"no VIP of {', '.join(virtual_ips)} was on {interface}")
 
 
 from halb.lab.cli import lab  # noqa: E402

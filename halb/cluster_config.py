@@ -6,11 +6,13 @@ TOML that `halb serve` on lb1 reads. The text is built by hand (the standard lib
 every string passed through `_q`, and the result must always be accepted by `halb.config.load`; the tests
 check that for every node.
 
-Sections that the config loader does not know yet are switched on by a flag on the spec, so the same spec
-keeps working while the loader grows: `vrrp=True` adds a `[vrrp]` table (interface, vrid, a priority per
-node that falls with the node's position, virtual_ips = [vip]; the VIP takes the interface's prefix
-length, like keepalived's `virtual_ipaddress` without a mask). Redis and the witness are carried on the
-spec but only mentioned in a comment until the loader has sections for them.
+`vrrp=True` (the default) adds a `[vrrp]` table: interface, vrid, a priority per node that falls by 10 with
+the node's position (150, 140, ...), advert_interval, and virtual_ips = [vip] -- a bare address, which the
+loader makes a /32 like keepalived's `virtual_ipaddress` without a mask. Tracking keeps its default weight
+of 50, more than the 10-point gap, so a balancer whose pool is empty hands the VIP to the next one.
+Sections the loader does not know yet are switched on by a flag on the spec, so the same spec keeps
+working while the loader grows: Redis and the witness are carried on the spec but only mentioned in a
+comment until the loader has sections for them.
 """
 
 from __future__ import annotations
@@ -64,11 +66,12 @@ class ClusterSpec:
     workers: int = 1
     drain_timeout: float = 10.0
     health: HealthSpec = field(default_factory=HealthSpec)
-    # [vrrp]: off until halb.config knows the section
-    vrrp: bool = False
+    # [vrrp]
+    vrrp: bool = True
     vrrp_interface: str = "eth0"
     vrid: int = 51
     top_priority: int = 150
+    advert_interval: float = 1.0  # seconds, whole centiseconds in 0.01..40.95
 
     def __post_init__(self) -> None:
         if not self.lbs:
@@ -157,6 +160,7 @@ def node_config(spec: ClusterSpec, node_name: str) -> str:
             f"interface = {_q(spec.vrrp_interface)}",
             f"vrid = {spec.vrid}",
             f"priority = {spec.priority(node.name)}",
+            f"advert_interval = {_num(spec.advert_interval)}",
             f"virtual_ips = [{_q(spec.vip)}]",
         ]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,9 @@ the frozen dataclasses of `halb.config_model`.
 from __future__ import annotations
 
 import ipaddress
+import math
+import os
+import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import fields
@@ -19,11 +22,14 @@ from halb.config_model import (
     AgentConfig,
     BackendConfig,
     Config,
+    GarpConfig,
     HealthConfig,
     HostPort,
     ListenerConfig,
     NodeConfig,
     PoolConfig,
+    TrackConfig,
+    VrrpSettings,
 )
 from halb.errors import ConfigError
 
@@ -291,6 +297,143 @@ def _pool(name: str, r: Reader) -> PoolConfig:
     return pool
 
 
+# --- [vrrp] ------------------------------------------------------------------------------------------
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # IFNAMSIZ - 1, no '/' and no whitespace
+_INSTANCE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def _str_list(r: Reader, name: str) -> list[str]:
+    value = r.raw(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        r.fail(name, f"expected an array of strings, got {value!r}")
+    return list(value)
+
+
+def _ipv4(r: Reader, name: str, text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        r.fail(name, f"{text!r} is not an IPv4 address (A.B.C.D)")
+        raise AssertionError from None
+
+
+def _virtual_ips(r: Reader) -> tuple[str, ...]:
+    """Each entry is A.B.C.D or A.B.C.D/len; without a length it is /32, like keepalived's."""
+    out: list[str] = []
+    seen: set[ipaddress.IPv4Address] = set()
+    for i, text in enumerate(_str_list(r, "virtual_ips")):
+        key = f"virtual_ips[{i}]"
+        address_text, sep, length_text = text.partition("/")
+        address = _ipv4(r, key, address_text.strip())
+        length = 32
+        if sep:
+            if not length_text.isdigit() or not 1 <= int(length_text) <= 32:
+                r.fail(key, f"{text!r}: the prefix length must be 1..32")
+            length = int(length_text)
+        if address.is_multicast or address.is_unspecified or address.is_loopback:
+            r.fail(key, f"{text!r} cannot be a virtual address")
+        if address in seen:
+            r.fail(key, f"{address} is listed twice")
+        seen.add(address)
+        out.append(f"{address}/{length}")
+    if not out:
+        r.fail("virtual_ips", "at least one virtual address is required")
+    if len(out) > 255:
+        r.fail("virtual_ips", f"at most 255 addresses fit in a VRRP advert, got {len(out)}")
+    return tuple(out)
+
+
+def _garp(r: Reader | None) -> GarpConfig:
+    d = GarpConfig()
+    if r is None:
+        return d
+    garp = GarpConfig(
+        repeat=r.int("repeat", d.repeat, lo=0, hi=100),
+        interval=r.float("interval", d.interval, lo=0, hi=60),
+        refresh=r.float("refresh", d.refresh, lo=0, hi=86400),
+    )
+    r.done()
+    return garp
+
+
+def _track(r: Reader | None) -> TrackConfig:
+    d = TrackConfig()
+    if r is None:
+        return d
+    track = TrackConfig(
+        weight=r.int("weight", d.weight, lo=0, hi=254),
+        listeners=r.bool("listeners", d.listeners),
+        pools=r.bool("pools", d.pools),
+    )
+    r.done()
+    return track
+
+
+def _notify(r: Reader) -> str | None:
+    if not r.has("notify"):
+        return None
+    path = r.str("notify")
+    if not os.path.isabs(path):
+        r.fail("notify", f"must be an absolute path, got {path!r}")
+    if not os.path.isfile(path):
+        r.fail("notify", f"{path} does not exist or is not a file")
+    if not os.access(path, os.X_OK):
+        r.fail("notify", f"{path} is not executable")
+    return path
+
+
+def _vrrp(r: Reader | None) -> VrrpSettings | None:
+    if r is None:
+        return None
+    d = VrrpSettings(interface="", vrid=1)
+    interface = r.str("interface")
+    if not _IFNAME.match(interface):
+        r.fail("interface", f"{interface!r} is not an interface name (1-15 characters, no '/' or spaces)")
+    vrid = r.int("vrid", lo=1, hi=255)
+    name = r.str("name", "")
+    if name and not _INSTANCE_NAME.match(name):
+        r.fail("name", f"{name!r}: use 1-64 letters, digits, '_', '-', '.' or ':'")
+    interval = r.float("advert_interval", d.advert_interval, lo=0.01, hi=40.95)
+    if not math.isclose(round(interval * 100) / 100, interval, abs_tol=1e-9):
+        r.fail("advert_interval", f"must be a whole number of centiseconds (the wire unit), got {interval}")
+    primary_ip = None
+    if r.has("primary_ip"):
+        primary_ip = str(_ipv4(r, "primary_ip", r.str("primary_ip")))
+    peers: list[str] = []
+    for i, text in enumerate(_str_list(r, "unicast_peers")):
+        key = f"unicast_peers[{i}]"
+        peer = str(_ipv4(r, key, text.strip()))
+        if peer in peers:
+            r.fail(key, f"{peer} is listed twice")
+        if peer == primary_ip:
+            r.fail(key, f"{peer} is this node's own primary_ip")
+        peers.append(peer)
+    virtual_ips = _virtual_ips(r)
+    vrrp = VrrpSettings(
+        interface=interface,
+        vrid=vrid,
+        priority=r.int("priority", d.priority, lo=1, hi=255),
+        advert_interval=round(interval * 100) / 100,
+        preempt=r.bool("preempt", d.preempt),
+        preempt_delay=r.float("preempt_delay", d.preempt_delay, lo=0, hi=1000),
+        virtual_ips=virtual_ips,
+        unicast_peers=tuple(peers),
+        primary_ip=primary_ip,
+        checksum_mode=r.str("checksum_mode", d.checksum_mode, choices=("pseudo_header", "rfc9568")),
+        garp=_garp(r.sub("garp")),
+        track=_track(r.sub("track")),
+        notify=_notify(r),
+        name=name,
+    )
+    if primary_ip is not None and primary_ip in vrrp.vip_addresses:
+        r.fail("primary_ip", f"{primary_ip} is also one of virtual_ips")
+    for peer in peers:
+        if peer in vrrp.vip_addresses:
+            r.fail("unicast_peers", f"{peer} is also one of virtual_ips")
+    r.done()
+    return vrrp
+
+
 def parse(document: dict[str, Any], source: str = "<config>") -> Config:
     """Validate an already-decoded TOML document."""
     top = Reader(source, "", document)
@@ -324,9 +467,10 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
         names.add(listener.name)
         binds[listener.bind] = listener.name
         listeners.append(listener)
+    vrrp = _vrrp(top.sub("vrrp"))
     top.done()
     _check_addresses(source, node, listeners)
-    return Config(source=source, node=node, listeners=tuple(listeners), pools=pools)
+    return Config(source=source, node=node, listeners=tuple(listeners), pools=pools, vrrp=vrrp)
 
 
 def _check_addresses(source: str, node: NodeConfig, listeners: list[ListenerConfig]) -> None:

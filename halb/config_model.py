@@ -87,8 +87,61 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class GarpConfig:
+    """Gratuitous ARP after taking the VIPs over (keepalived's garp_master_repeat/refresh)."""
+
+    repeat: int = 5  # rounds right after becoming MASTER (each round: one ARP request + one ARP reply)
+    interval: float = 0.2  # seconds between those rounds
+    refresh: float = 0.0  # while MASTER, one more round every `refresh` seconds; 0 = off
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """keepalived-style tracking: while this node cannot serve, advertise `priority - weight` (min 1).
+
+    `weight` must exceed the priority gap to the next node for that node to take over (150 vs 140 needs
+    weight > 10). `weight = 0` means keepalived's FAULT instead: the instance resigns (priority-0 advert,
+    VIPs dropped) until it can serve again.
+    """
+
+    weight: int = 50
+    listeners: bool = True  # a local TCP connect to each listener must succeed
+    pools: bool = True  # every listener's pool must have an available backend
+
+
+@dataclass(frozen=True)
+class VrrpSettings:
+    """The optional `[vrrp]` table: one VRRPv3 instance on one interface (see halb.vrrp)."""
+
+    interface: str
+    vrid: int
+    priority: int = 100
+    advert_interval: float = 1.0
+    preempt: bool = True
+    preempt_delay: float = 0.0
+    virtual_ips: tuple[str, ...] = ()  # normalised "A.B.C.D/len" (no length in the file means /32)
+    unicast_peers: tuple[str, ...] = ()  # empty: multicast to 224.0.0.18
+    primary_ip: str | None = None  # default: the interface's first IPv4 address at start
+    checksum_mode: str = "pseudo_header"  # "pseudo_header" (keepalived default) | "rfc9568"
+    garp: GarpConfig = field(default_factory=GarpConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    notify: str | None = None  # executable run as: notify INSTANCE <name> MASTER|BACKUP|FAULT|STOP <prio>
+    name: str = ""  # instance name for logs, status and notify; default "VI_<vrid>"
+
+    @property
+    def instance_name(self) -> str:
+        return self.name or f"VI_{self.vrid}"
+
+    @property
+    def vip_addresses(self) -> tuple[str, ...]:
+        """The virtual addresses without their prefix length (what adverts and GARP carry)."""
+        return tuple(v.split("/", 1)[0] for v in self.virtual_ips)
+
+
+@dataclass(frozen=True)
 class Config:
     source: str  # the file it came from, for messages
     node: NodeConfig
     listeners: tuple[ListenerConfig, ...]
     pools: dict[str, PoolConfig]
+    vrrp: VrrpSettings | None = None  # the optional [vrrp] table

@@ -128,6 +128,51 @@ class StatusCollector(Collector):
         )
         restarts.add_metric([node], doc["node"]["worker_restarts_total"])
         yield restarts
+        yield from _vrrp_metrics(node, doc.get("vrrp"))
+
+
+VRRP_STATES = ("MASTER", "BACKUP", "FAULT", "STOP", "INIT")
+
+
+def _vrrp_metrics(node: str, vrrp: dict[str, Any] | None) -> Iterator[Metric]:
+    """One set of series per VRRP instance of `doc["vrrp"]["instances"]` (nothing without [vrrp])."""
+    if not vrrp:
+        return
+    labels = ["node", "instance", "vrid"]
+    state = GaugeMetricFamily(
+        "halb_vrrp_state", "1 for the instance's current VRRP state", labels=[*labels, "state"]
+    )
+    master = GaugeMetricFamily("halb_vrrp_master", "1 while this node is the VRRP master", labels=labels)
+    priority = GaugeMetricFamily("halb_vrrp_priority", "Effective (tracked) VRRP priority", labels=labels)
+    base = GaugeMetricFamily("halb_vrrp_base_priority", "Configured VRRP priority", labels=labels)
+    held = GaugeMetricFamily("halb_vrrp_vips_held", "Virtual addresses on the interface", labels=labels)
+    age = GaugeMetricFamily(
+        "halb_vrrp_last_advert_age_seconds", "Seconds since the last advert from a peer", labels=labels
+    )
+    sent = CounterMetricFamily("halb_vrrp_adverts_sent", "VRRP adverts sent", labels=labels)
+    received = CounterMetricFamily(
+        "halb_vrrp_adverts_received", "Valid VRRP adverts received from peers", labels=labels
+    )
+    rx_errors = CounterMetricFamily(
+        "halb_vrrp_rx_errors", "Received VRRP packets dropped, by reason", labels=[*labels, "reason"]
+    )
+    transitions = CounterMetricFamily("halb_vrrp_transitions", "VRRP state changes", labels=labels)
+    for inst in vrrp.get("instances", []):
+        values = [node, str(inst["name"]), str(inst["vrid"])]
+        for name in VRRP_STATES:
+            state.add_metric([*values, name], 1 if inst["state"] == name else 0)
+        master.add_metric(values, 1 if inst["state"] == "MASTER" else 0)
+        priority.add_metric(values, inst["priority"])
+        base.add_metric(values, inst["base_priority"])
+        held.add_metric(values, len(inst["vips_held"]))
+        if inst.get("last_advert"):
+            age.add_metric(values, inst["last_advert"]["at_seconds_ago"])
+        sent.add_metric(values, inst["adverts_sent"])
+        received.add_metric(values, inst["adverts_received"])
+        for reason, count in sorted(inst["rx_errors"].items()):
+            rx_errors.add_metric([*values, reason], count)
+        transitions.add_metric(values, inst["transitions"])
+    yield from (state, master, priority, base, held, age, sent, received, rx_errors, transitions)
 
 
 def render(status: Callable[[], dict[str, Any]]) -> bytes:

@@ -6,8 +6,16 @@ proxy workers (halb.workers), whose failed connects come back here and count tow
 (halb.admin) reads `status()`, which merges this state with the workers' traffic counters. Modules never
 call each other sideways: every route between them is set up in this file.
 
-Shutdown (SIGTERM/SIGINT): /healthz turns 503 "draining", workers stop accepting and finish in-flight
-requests up to `node.drain_timeout`, then the node exits 0.
+VRRP (when the config has a `[vrrp]` table): after the workers are ready, the configured VIPs are released
+(a crashed predecessor may have left them) and the `VrrpDriver` starts. Health reaches VRRP tracking only
+through this file: every backend transition (and every sync tick) re-evaluates "each listener's pool has an
+available backend" as the check `pool:<name>`, and a small loop connects to each listener locally
+(`listener:<name>`, down after 2 failed connects in a row, up after 2 good ones); while any check fails
+the driver advertises `priority - track.weight`.
+
+Shutdown (SIGTERM/SIGINT): VRRP stops FIRST (a MASTER sends a priority-0 advert and drops its VIPs, so a
+peer takes over after Skew_Time), then /healthz turns 503 "draining", workers stop accepting and finish
+in-flight requests up to `node.drain_timeout`, and the node exits 0.
 """
 
 from __future__ import annotations
@@ -26,11 +34,20 @@ from halb.admin import AdminServer
 from halb.config_model import AgentConfig, Config
 from halb.health.agent import AgentPoller
 from halb.health.checker import HealthChecker
+from halb.health.probes import tcp_probe
+from halb.health.tracker import HealthTracker, Transition
 from halb.pools import backend_states, build_pools
+from halb.vrrp.driver import VrrpDriver
+from halb.vrrp.vip import NetlinkVipPort, VipError, release_stale
 from halb.workers import WorkerStartError, WorkerSupervisor
 
 log = logging.getLogger("halb.node")
 SYNC_INTERVAL = 0.05
+# VRRP tracking of the node's own listeners: a local TCP connect every interval; rise/fall as for backends.
+LISTENER_CHECK_INTERVAL = 1.0
+LISTENER_CHECK_TIMEOUT = 1.0
+LISTENER_CHECK_RISE = 2
+LISTENER_CHECK_FALL = 2
 
 
 class Node:
@@ -40,7 +57,10 @@ class Node:
         self.state = "starting"
         self.pools = build_pools(config)
         rng = random.Random()
-        self.checkers = {name: HealthChecker(pool, rng=rng) for name, pool in self.pools.items()}
+        self.checkers = {
+            name: HealthChecker(pool, rng=rng, on_transition=self._on_backend_transition)
+            for name, pool in self.pools.items()
+        }
         self.agents: dict[str, AgentPoller] = {}
         for name, pool in self.pools.items():
             agent = pool.config.agent
@@ -52,6 +72,10 @@ class Node:
         self.admin = AdminServer(config.node.admin, self)
         self.stop_requested = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
+        self.vrrp: VrrpDriver | None = None
+        if config.vrrp is not None:
+            self.vrrp = VrrpDriver(config.vrrp, NetlinkVipPort(config.vrrp.interface))
+        self._listener_task: asyncio.Task[None] | None = None
 
     # --- event routes ------------------------------------------------------------------------------
     def _on_connect_failed(self, pool_name: str, backend_name: str) -> None:
@@ -59,10 +83,63 @@ class Node:
         if checker is not None:
             checker.report_passive_failure(backend_name)
 
+    def _on_backend_transition(self, pool_name: str, backend_name: str, transition: Transition) -> None:
+        self._track_pools()
+
+    def _track_pools(self) -> None:
+        """VRRP tracking: each listener's pool must have an available backend (check `pool:<name>`)."""
+        if self.vrrp is None or self.config.vrrp is None or not self.config.vrrp.track.pools:
+            return
+        for name in dict.fromkeys(lc.pool for lc in self.config.listeners):
+            pool = self.pools.get(name)
+            if pool is not None:
+                self.vrrp.set_check(f"pool:{name}", pool.healthy_count > 0)
+
+    async def _listener_check_loop(self) -> None:
+        """VRRP tracking: a local TCP connect to each listener (check `listener:<name>`)."""
+        assert self.vrrp is not None and self.config.vrrp is not None
+        vips = set(self.config.vrrp.vip_addresses)
+        targets = []
+        for lc in self.config.listeners:
+            host = lc.bind.host
+            if host in vips:
+                continue  # bound to a VIP: only reachable locally while MASTER, so not a health signal
+            if host in ("", "*", "0.0.0.0"):
+                host = "127.0.0.1"
+            elif host == "::":
+                host = "::1"
+            targets.append(
+                (lc.name, host, lc.bind.port, HealthTracker(LISTENER_CHECK_RISE, LISTENER_CHECK_FALL))
+            )
+        while True:
+            for name, host, port, tracker in targets:
+                result = await tcp_probe(host, port, LISTENER_CHECK_TIMEOUT)
+                tracker.observe(result.ok, time.monotonic(), detail=result.detail)
+                self.vrrp.set_check(f"listener:{name}", tracker.up)
+            await asyncio.sleep(LISTENER_CHECK_INTERVAL)
+
     async def _sync_loop(self) -> None:
         while True:
             self.supervisor.push_states(backend_states(self.pools))
+            self._track_pools()
             await asyncio.sleep(SYNC_INTERVAL)
+
+    async def _start_vrrp(self) -> bool:
+        """Release stale VIPs, then start VRRP tracking and the driver; False (logged) if it cannot run."""
+        assert self.vrrp is not None and self.config.vrrp is not None
+        settings = self.config.vrrp
+        try:
+            stale = await release_stale(settings.interface, settings.virtual_ips)
+            if stale:
+                log.warning("vrrp: released stale VIPs left on %s: %s", settings.interface, ", ".join(stale))
+            self._track_pools()
+            await self.vrrp.start()
+        except (VipError, OSError) as exc:
+            log.error("cannot start VRRP on %s: %s", settings.interface, exc)
+            return False
+        if settings.track.listeners and self.config.listeners:
+            self._listener_task = asyncio.create_task(self._listener_check_loop(), name="halb-listener-check")
+        return True
 
     # --- life cycle ----------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -86,6 +163,9 @@ class Node:
         for agent in self.agents.values():
             agent.start()
         self._sync_task = asyncio.create_task(self._sync_loop())
+        if self.vrrp is not None and not await self._start_vrrp():
+            await self.shutdown()
+            return 1
         self.state = "serving"
         _notify_systemd("READY=1")
         log.warning(
@@ -98,6 +178,14 @@ class Node:
         return await self.shutdown()
 
     async def shutdown(self) -> int:
+        if self.vrrp is not None:
+            # First: a MASTER resigns (priority-0 advert) and drops its VIPs, so a peer serves at once.
+            if self._listener_task is not None:
+                self._listener_task.cancel()
+            try:
+                await self.vrrp.stop()
+            except Exception:
+                log.exception("stopping VRRP failed")
         self.state = "draining"
         _notify_systemd("STOPPING=1")
         log.warning("draining (up to %.1fs)", self.config.node.drain_timeout)
@@ -170,7 +258,7 @@ class Node:
             }
             for lc in self.config.listeners
         ]
-        return {
+        doc: dict[str, Any] = {
             "node": {
                 "name": self.config.node.name,
                 "version": __version__,
@@ -186,6 +274,9 @@ class Node:
             "pools": pools,
             "generated_monotonic": now,
         }
+        if self.vrrp is not None:
+            doc["vrrp"] = {"instances": [self.vrrp.snapshot()]}
+        return doc
 
 
 def _notify_systemd(message: str) -> None:

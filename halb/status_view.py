@@ -113,17 +113,39 @@ def render_node(doc: dict[str, Any]) -> Panel:
     return Panel(Group(*parts), title=f"[b]{node['name']}[/b] {doc['admin']}", border_style=state_style)
 
 
+def _fmt_last_advert(last: Any) -> str:
+    """`{"at_seconds_ago", "source", "priority"}` -> "10.99.0.12 prio 140, 0.3s ago"."""
+    if not last:
+        return "-"
+    if not isinstance(last, dict):
+        return str(last)
+    ago = last.get("at_seconds_ago")
+    when = f", {ago:.1f}s ago" if isinstance(ago, int | float) else ""
+    return f"{last.get('source', '?')} prio {last.get('priority', '?')}{when}"
+
+
 def render_vrrp(vrrp: dict[str, Any]) -> Table:
     table = Table(title="vrrp", title_justify="left", box=None, pad_edge=False)
-    for col in ("instance", "state", "priority", "vips held", "last advert"):
+    for col in ("instance", "state", "priority", "vips held", "last advert", "rx errors"):
         table.add_column(col)
+    styles = {"MASTER": "bold green", "BACKUP": "cyan", "FAULT": "bold red"}
     for inst in vrrp.get("instances", []):
+        state = str(inst.get("state", ""))
+        priority = str(inst.get("priority", ""))
+        base = inst.get("base_priority")
+        if base is not None and str(base) != priority:
+            priority += f" (of {base})"
+        errors = inst.get("rx_errors") or {}
+        bad = (
+            ", ".join(f"{k} {v}" for k, v in sorted(errors.items()) if v) if isinstance(errors, dict) else ""
+        )
         table.add_row(
             str(inst.get("name", "")),
-            str(inst.get("state", "")),
-            str(inst.get("priority", "")),
+            Text(state, style=styles.get(state, "yellow")),
+            priority,
             ", ".join(inst.get("vips_held", [])) or "-",
-            str(inst.get("last_advert", "-")),
+            _fmt_last_advert(inst.get("last_advert")),
+            bad or "-",
         )
     return table
 

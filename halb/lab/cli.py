@@ -5,12 +5,13 @@ How this works: a thin click layer over `halb.lab.control`; every command takes 
 one-line message and exit status 1. Everything but `config` needs root.
 
     halb lab up [--lbs 2] [--backends 2] [--witness]      build, start, wait until every service answers
+                [--no-vrrp] [--advert-interval 1.0]       (and, with VRRP, until one balancer holds the VIP)
     halb lab status [--json]                              hosts, pids, running/stopped/frozen, VIP holders
     halb lab kill|stop|start|freeze|thaw NODE             SIGKILL / SIGTERM / restart / SIGSTOP / SIGCONT
     halb lab partition lb1 --from client web1             cut traffic at the switch (no --from: from all)
     halb lab heal                                         remove every partition
     halb lab exec client -- curl -s http://10.99.0.11/    run a command inside a host's namespace
-    halb lab config lb1                                   print a balancer's generated config
+    halb lab config lb1 [--subnet S --vrrp-interface I]   print a balancer's generated config
     halb lab down                                         remove everything (works after a crash too)
 """
 
@@ -63,14 +64,34 @@ def lab() -> None:
 @click.option("--lbs", default=2, show_default=True, help="Number of balancer nodes (lb1..).")
 @click.option("--backends", default=2, show_default=True, help="Number of web backends (web1..).")
 @click.option("--witness", is_flag=True, help="Add a `witness` host (a third Raft vote, later).")
-@click.option("--vrrp", is_flag=True, help="Put a [vrrp] section in the node configs.")
+@click.option(
+    "--vrrp/--no-vrrp", default=True, show_default=True, help="Run VRRP: the balancers share the VIP."
+)
+@click.option(
+    "--advert-interval",
+    type=click.FloatRange(0.01, 40.95),
+    default=1.0,
+    show_default=True,
+    help="VRRP advert interval in seconds (whole centiseconds); failover takes about 3.5 of them.",
+)
 @click.option("--subnet", default=DEFAULT_SUBNET, show_default=True, help="The lab's /24.")
 @click.option("--timeout", default=control.READY_TIMEOUT, show_default=True, help="Seconds to wait.")
 @lab_errors
-def up(prefix: str, lbs: int, backends: int, witness: bool, vrrp: bool, subnet: str, timeout: float) -> None:
-    """Build the lab, start every service and wait until each one answers."""
+def up(
+    prefix: str,
+    lbs: int,
+    backends: int,
+    witness: bool,
+    vrrp: bool,
+    advert_interval: float,
+    subnet: str,
+    timeout: float,
+) -> None:
+    """Build the lab, start every service and wait until each one answers (and one lb holds the VIP)."""
     started = time.monotonic()
-    st = control.up(prefix, lbs, backends, witness, vrrp, subnet, timeout, echo=click.echo)
+    st = control.up(
+        prefix, lbs, backends, witness, vrrp, subnet, timeout, click.echo, advert_interval=advert_interval
+    )
     topo = st.topology
     click.echo(f"lab {prefix} up in {time.monotonic() - started:.1f}s: subnet {topo.subnet}, VIP {topo.vip}")
     for host in topo.hosts:
@@ -81,6 +102,8 @@ def up(prefix: str, lbs: int, backends: int, witness: bool, vrrp: bool, subnet: 
     client = topo.host("client").namespace
     click.echo("try:")
     port = "" if LISTEN_PORT == 80 else f":{LISTEN_PORT}"
+    if vrrp:
+        click.echo(f"  ip netns exec {client} curl http://{topo.vip}{port}/        (through the VIP)")
     click.echo(f"  ip netns exec {client} curl http://{lb1.address}{port}/")
     click.echo(f"  ip netns exec {client} halb status --admin {lb1.address}:{ADMIN_PORT}")
     click.echo(f"  halb lab status --prefix {prefix}    halb lab down --prefix {prefix}")
@@ -223,8 +246,25 @@ def exec_(prefix: str, node: str, command: tuple[str, ...]) -> None:
 @click.option("--lbs", default=2, show_default=True, help="When no lab is up: number of balancers.")
 @click.option("--backends", default=2, show_default=True, help="When no lab is up: number of backends.")
 @click.option("--witness", is_flag=True, help="When no lab is up: with a witness host.")
-@click.option("--vrrp", is_flag=True, help="When no lab is up: with a [vrrp] section.")
+@click.option(
+    "--vrrp/--no-vrrp", default=True, show_default=True, help="When no lab is up: with a [vrrp] section."
+)
+@click.option("--subnet", default=DEFAULT_SUBNET, show_default=True, help="When no lab is up: the /24.")
+@click.option("--vrrp-interface", default=None, help="When no lab is up: [vrrp] interface (default eth0).")
 @lab_errors
-def config(prefix: str, node: str, lbs: int, backends: int, witness: bool, vrrp: bool) -> None:
-    """Print balancer NODE's halb config (the running lab's, else generated from the options)."""
-    click.echo(control.config_text(prefix, node, lbs, backends, witness, vrrp), nl=False)
+def config(
+    prefix: str,
+    node: str,
+    lbs: int,
+    backends: int,
+    witness: bool,
+    vrrp: bool,
+    subnet: str,
+    vrrp_interface: str | None,
+) -> None:
+    """Print balancer NODE's halb config (the running lab's, else generated from the options).
+
+    Outside a lab (e.g. Vagrant): halb lab config lb1 --lbs 3 --subnet 192.168.56.0/24 --vrrp-interface eth1
+    """
+    text = control.config_text(prefix, node, lbs, backends, witness, vrrp, subnet, vrrp_interface)
+    click.echo(text, nl=False)

@@ -2,9 +2,10 @@
 
 How this works: `up` builds the topology, saves the state file, then creates, in this order: node configs,
 namespaces (switch first), the bridge, one cable per host, the balancers' sysctls, and the services (web
-backends, redis, `halb serve` per balancer, all started at once), then waits until every service answers
-from inside its own namespace. Any failure on the way tears the half-built lab down again and re-raises,
-so `up` either returns a working lab or leaves nothing.
+backends, redis, `halb serve` per balancer under its VIP-releasing supervisor, all started at once), then
+waits until every service answers from inside its own namespace and, with VRRP (the default), until
+exactly one balancer holds the VIP. Any failure on the way tears the half-built lab down again and
+re-raises, so `up` either returns a working lab or leaves nothing.
 
 `down` works from whatever is there: the state file if readable, plus every namespace named
 `<prefix>-<something>`. It stops recorded services (SIGTERM, SIGKILL after a grace), SIGKILLs any other
@@ -80,21 +81,24 @@ def up(
     lbs: int = 2,
     backends: int = 2,
     witness: bool = False,
-    vrrp: bool = False,
+    vrrp: bool = True,
     subnet: str = DEFAULT_SUBNET,
     timeout: float = READY_TIMEOUT,
     echo: Echo = lambda _: None,
+    advert_interval: float = 1.0,
 ) -> LabState:
     require_root()
     topo = build(prefix, lbs, backends, witness, subnet)
     require_tools("ip", "nft", "redis-server")
     if load(prefix) is not None or lab_namespaces(prefix):
         raise LabError(f"lab {prefix!r} is already up (or left over): run `halb lab down --prefix {prefix}`")
-    st = LabState(prefix=prefix, topology=topo, options={"vrrp": vrrp})
+    st = LabState(prefix=prefix, topology=topo, options={"vrrp": vrrp, "advert_interval": advert_interval})
     st.save()
     try:
-        _build(st, vrrp, echo)
+        _build(st, vrrp, echo, advert_interval)
         wait_ready(st, [h for h in topo.hosts if h.name in st.processes], timeout, echo)
+        if vrrp:
+            wait_vip(st, timeout, echo)
     except BaseException:
         echo("lab up failed; tearing down what was built")
         down(prefix)
@@ -102,14 +106,16 @@ def up(
     return st
 
 
-def lab_spec(topo: Topology, vrrp: bool) -> ClusterSpec:
+def lab_spec(topo: Topology, vrrp: bool, advert_interval: float = 1.0) -> ClusterSpec:
     """The cluster spec the lab runs: the topology's, with a short drain so `stop` and `down` are quick."""
-    return dataclasses.replace(topo.cluster_spec(), vrrp=vrrp, drain_timeout=1.0)
+    return dataclasses.replace(
+        topo.cluster_spec(), vrrp=vrrp, drain_timeout=1.0, advert_interval=advert_interval
+    )
 
 
-def _build(st: LabState, vrrp: bool, echo: Echo) -> None:
+def _build(st: LabState, vrrp: bool, echo: Echo, advert_interval: float = 1.0) -> None:
     topo = st.topology
-    spec = lab_spec(topo, vrrp)
+    spec = lab_spec(topo, vrrp, advert_interval)
     for lb in topo.by_role("lb"):
         path = st.config_path(lb.name)
         st.configs[lb.name] = str(path)
@@ -167,6 +173,29 @@ def wait_ready(st: LabState, hosts: Iterable[Host], timeout: float, echo: Echo =
             raise LabError(f"not ready after {timeout:.0f}s: {names}\n{tails}")
         time.sleep(0.05)
     echo(f"services ready ({time.monotonic() - started:.2f}s)")
+
+
+def vip_holders(st: LabState) -> list[str]:
+    """The balancers whose namespace has the VIP on an interface right now."""
+    topo = st.topology
+    return [h.name for h in topo.by_role("lb") if topo.vip in netns.ipv4_addresses(h.namespace)]
+
+
+def wait_vip(st: LabState, timeout: float, echo: Echo = lambda _: None) -> str:
+    """Wait until exactly one balancer holds the VIP (VRRP elected a master); returns its name."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        holders = vip_holders(st)
+        if len(holders) == 1:
+            echo(f"VIP {st.topology.vip} held by {holders[0]} ({time.monotonic() - started:.2f}s)")
+            return holders[0]
+        if time.monotonic() > deadline:
+            lbs = st.topology.by_role("lb")
+            tails = "\n".join(f"--- {h.name}:\n{processes.log_tail(st.processes[h.name])}" for h in lbs)
+            who = ", ".join(holders) or "nobody"
+            raise LabError(f"VIP {st.topology.vip} held by {who} after {timeout:.0f}s\n{tails}")
+        time.sleep(0.02)
 
 
 # --- down --------------------------------------------------------------------------------------------
@@ -319,14 +348,29 @@ def status(prefix: str) -> dict[str, Any]:
     }
 
 
-def config_text(prefix: str, node: str, lbs: int, backends: int, witness: bool, vrrp: bool) -> str:
-    """A balancer's config: the running lab's file if there is one, else generated from the options."""
+def config_text(
+    prefix: str,
+    node: str,
+    lbs: int,
+    backends: int,
+    witness: bool,
+    vrrp: bool,
+    subnet: str = DEFAULT_SUBNET,
+    vrrp_interface: str | None = None,
+) -> str:
+    """A balancer's config: the running lab's file if there is one, else generated from the options.
+
+    `subnet` and `vrrp_interface` serve hosts outside the lab (Vagrant: 192.168.56.0/24 on eth1).
+    """
     st = load(check_prefix(prefix))
     if st is not None and node in st.configs:
         with open(st.configs[node]) as f:
             return f.read()
-    topo = st.topology if st is not None else build(prefix, lbs, backends, witness)
+    topo = st.topology if st is not None else build(prefix, lbs, backends, witness, subnet)
     host = topo.host(node)
     if host.role != "lb":
         raise LabError(f"{node} is a {host.role}; only balancers (lb1..) have a halb config")
-    return node_config(lab_spec(topo, vrrp), node)
+    spec = lab_spec(topo, vrrp)
+    if vrrp_interface is not None:
+        spec = dataclasses.replace(spec, vrrp_interface=vrrp_interface)
+    return node_config(spec, node)

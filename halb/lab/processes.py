@@ -8,6 +8,13 @@ them; the services are never its children for long, so everything here works fro
 
 A pid can be reused after its process is gone, so a record also keeps the process's start time (field 22
 of /proc/<pid>/stat) and nothing is signalled unless both still match. A zombie counts as gone.
+
+Balancers are the exception to "the pid is the service itself": each runs under `halb.lab.supervise`,
+which starts `halb serve` in a session of its own, writes its pid to `<run dir>/<host>.pid` and, once
+serve has ended (SIGKILL included), runs `halb vip release CONFIG` -- the lab's stand-in for systemd's
+ExecStopPost. The record's pid is `halb serve` (so kill/stop/freeze hit serve and its workers, never the
+supervisor) and `supervisor_pid` the supervisor; `kill` and `stop` return only after the supervisor has
+finished the release, and `start` waits for a previous supervisor before starting a new one.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from halb.lab.state import LabState, ProcessRecord
 from halb.lab.topology import REDIS_PORT, Host
 
 TERM_GRACE = 3.0
+PID_FILE_TIMEOUT = 10.0
+RELEASE_TIMEOUT = 10.0  # how long a supervisor may take to release the VIPs after its service ended
 
 
 def service_argv(host: Host, config_path: Path | None) -> list[str] | None:
@@ -66,6 +75,28 @@ def is_ours(record: ProcessRecord) -> bool:
     return record.starttime is None or stat[1] == record.starttime
 
 
+def supervisor_of(record: ProcessRecord) -> ProcessRecord | None:
+    """The supervisor of a supervised service, as a record of its own (None for unsupervised ones)."""
+    if record.supervisor_pid is None:
+        return None
+    return ProcessRecord(
+        host=f"{record.host} (supervisor)",
+        argv=[],
+        log=record.log,
+        pid=record.supervisor_pid,
+        starttime=record.supervisor_starttime,
+    )
+
+
+def wait_supervisor(record: ProcessRecord, timeout: float = RELEASE_TIMEOUT) -> None:
+    """Wait until the supervisor has run its post-stop release and exited (SIGKILL it after `timeout`)."""
+    supervisor = supervisor_of(record)
+    if supervisor is None or not wait_gone([supervisor], timeout):
+        return
+    signal_group(supervisor, signal.SIGKILL)
+    wait_gone([supervisor], 2.0)
+
+
 def run_state(record: ProcessRecord | None) -> str:
     """One of "running", "frozen" (SIGSTOPped: state T) or "stopped"."""
     if record is None or not is_ours(record):
@@ -84,7 +115,17 @@ def start(state: LabState, host: Host) -> ProcessRecord:
     old = state.processes.get(host.name)
     if old is not None and is_ours(old):
         raise LabError(f"{host.name} is already running (pid {old.pid})")
+    if old is not None:
+        wait_supervisor(old)  # a previous supervisor may still be releasing the VIPs
     log_path = state.log_path(host.name)
+    pid_file = state.dir / f"{host.name}.pid"
+    if host.role == "lb":
+        pid_file.unlink(missing_ok=True)
+        config = state.configs[host.name]
+        argv = [
+            sys.executable, "-m", "halb.lab.supervise", "--pid-file", str(pid_file), "--release", config,
+            "--", *argv,
+        ]  # fmt: skip
     record = ProcessRecord(host=host.name, argv=argv, log=str(log_path))
     state.processes[host.name] = record
     state.save()  # record, then create: a crash from here on leaves a trace for `down`
@@ -104,8 +145,25 @@ def start(state: LabState, host: Host) -> ProcessRecord:
     record.pid = proc.pid
     record.starttime = stat[1] if stat else -1  # -1: gone before we looked; never matches a later pid
     record.started_at = time.time()
+    if host.role == "lb":
+        record.supervisor_pid, record.supervisor_starttime = record.pid, record.starttime
+        state.save()  # the supervisor is known before we wait for it
+        record.pid, record.starttime = _read_pid_file(pid_file, proc)
     state.save()
     return record
+
+
+def _read_pid_file(path: Path, supervisor: subprocess.Popen[bytes]) -> tuple[int, int]:
+    """(pid, starttime) of the supervised service, once the supervisor has written them."""
+    deadline = time.monotonic() + PID_FILE_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            pid_text, starttime_text = path.read_text().split()
+            return int(pid_text), int(starttime_text)
+        if supervisor.poll() is not None:
+            raise LabError(f"the supervisor exited ({supervisor.returncode}) before starting the service")
+        time.sleep(0.01)
+    raise LabError(f"the supervisor wrote no pid file {path} within {PID_FILE_TIMEOUT:.0f}s")
 
 
 def signal_group(record: ProcessRecord, sig: signal.Signals) -> bool:
@@ -131,11 +189,12 @@ def wait_gone(records: Iterable[ProcessRecord], timeout: float) -> list[ProcessR
 
 
 def kill(record: ProcessRecord, timeout: float = 5.0) -> bool:
-    """SIGKILL the process group and wait for it to go; False if it was not running."""
+    """SIGKILL the process group and wait for it to go (and for its supervisor's release)."""
     if not signal_group(record, signal.SIGKILL):
         return False
     if wait_gone([record], timeout):
         raise LabError(f"{record.host} (pid {record.pid}) survived SIGKILL for {timeout:.0f}s")
+    wait_supervisor(record)
     return True
 
 
@@ -150,6 +209,8 @@ def stop(records: Iterable[ProcessRecord], grace: float = TERM_GRACE) -> None:
     left = wait_gone(records, 5.0)
     if left:
         raise LabError(f"could not stop: {', '.join(f'{r.host} (pid {r.pid})' for r in left)}")
+    for record in records:
+        wait_supervisor(record)
 
 
 def kill_pids(pids: Iterable[int]) -> None:

@@ -41,6 +41,10 @@ class ProcessRecord:
     pid: int | None = None
     starttime: int | None = None  # field 22 of /proc/<pid>/stat: tells our process from a reused pid
     started_at: float | None = None
+    # balancers run under `halb.lab.supervise` (it releases the VIPs after `halb serve` ends, however it
+    # ends); `pid` is then halb serve itself and these name the supervisor
+    supervisor_pid: int | None = None
+    supervisor_starttime: int | None = None
 
 
 @dataclass

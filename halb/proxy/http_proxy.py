@@ -39,6 +39,7 @@ from halb.config_model import ListenerConfig
 from halb.errors import ProtocolError
 from halb.pool import Pool
 from halb.proxy.channel import Channel
+from halb.proxy.flush import close_after_flush, write_eof_after_flush
 from halb.proxy.http_codec import (
     IDEMPOTENT_METHODS,
     MAX_RESPONSE_HEAD,
@@ -218,6 +219,7 @@ class HttpConnection(Channel):
         self._discarding = False
         self._pump_sent = 0
         self._pump_done_at: float | None = None
+        self._t0 = 0.0  # when the current request's head was parsed
 
     # --- protocol ------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -290,15 +292,20 @@ class HttpConnection(Channel):
             if self._read_paused:
                 self._read_paused = False
                 transport.resume_reading()
-            transport.write_eof()
+            write_eof_after_flush(transport, self.loop)
             listener.lingering.add(transport)
             self.loop.call_later(LINGER_SECONDS, self._end_linger, transport)
             return
-        transport.close()
-        # A client that never reads the rest of a response must not pin the socket forever.
-        if transport.get_write_buffer_size():
-            listener.lingering.add(transport)
-            self.loop.call_later(listener.config.client_timeout, self._end_linger, transport)
+        if not transport.get_write_buffer_size():
+            transport.close()
+            return
+        # Flush the rest of the response first (see halb.proxy.flush); a client that never reads it must
+        # not pin the socket forever: aborted after client_timeout.
+        lingering = listener.lingering
+        lingering.add(transport)
+        close_after_flush(
+            transport, self.loop, listener.config.client_timeout, lambda: lingering.discard(transport)
+        )
 
     def _end_linger(self, transport: asyncio.Transport) -> None:
         self.listener.lingering.discard(transport)
@@ -317,7 +324,7 @@ class HttpConnection(Channel):
         # Idle: wait for the first byte of the next request (empty lines before it are skipped).
         self.idle = True
         self._method = b""
-        deadline = loop.time() + (config.header_timeout if first else config.client_timeout)
+        deadline: float | None = None
         while True:
             buf = self.buf
             skip = 0
@@ -329,13 +336,15 @@ class HttpConnection(Channel):
                 break
             if self.eof or self.closed or listener.draining:
                 return None
+            if deadline is None:
+                deadline = loop.time() + (config.header_timeout if first else config.client_timeout)
             try:
                 await self.wait_more(deadline)
             except TimeoutError:
                 return None
         self.idle = False
         # The head: complete within header_timeout of its first byte.
-        deadline = loop.time() + config.header_timeout
+        deadline = None
         while True:
             end = find_head_end(self.buf, config.max_request_line, config.max_header_bytes)
             if end > 0:
@@ -344,6 +353,8 @@ class HttpConnection(Channel):
                 return None
             if self.eof:
                 raise ProtocolError("incomplete request head", 400, "incomplete")
+            if deadline is None:
+                deadline = loop.time() + config.header_timeout
             try:
                 await self.wait_more(deadline)
             except TimeoutError:
@@ -372,7 +383,8 @@ class HttpConnection(Channel):
             initial = self.take(n)
             stats.bytes_in += n
         keep_ok = req.keep_alive and not listener.draining
-        ctx = Context(self.client_ip, listener.hash_key(req), self.loop.time())
+        self._t0 = now = self.loop.time()
+        ctx = Context(self.client_ip, listener.hash_key(req), now)
         try:
             backend = pool.choose(ctx)
         except Exception:
@@ -440,7 +452,7 @@ class HttpConnection(Channel):
         while True:
             backend.on_connection_opened()
             if allow_reuse:
-                up = listener.upstream.acquire(backend, self.loop.time(), idempotent=idempotent)
+                up = listener.upstream.acquire(backend, ctx.now, idempotent=idempotent)
                 if up is not None:
                     return backend, up, True
             try:
@@ -488,7 +500,7 @@ class HttpConnection(Channel):
         self._pump_sent = 0
         self._pump_done_at = None
         received_before = up.received
-        t0 = loop.time()
+        t0 = self._t0
         try:
             try:
                 up.write(out_head + initial if initial else out_head)
@@ -562,7 +574,7 @@ class HttpConnection(Channel):
                         framer.done,
                     )
 
-            backend.on_response(loop.time() - t0)
+            backend.on_response(loop.time() - t0)  # (t0: when the request head arrived)
             rframer = response_framer(req.method, resp)
             keep = (
                 req.keep_alive
@@ -652,11 +664,12 @@ class HttpConnection(Channel):
                     pump.exception()  # retrieved; its outcome was handled above
             sent += self._pump_sent
             self._pump_sent = 0
+            now = loop.time()
             if reusable:
-                listener.upstream.release(backend, up, loop.time())
+                listener.upstream.release(backend, up, now)
             else:
                 up.abort()
-            backend.on_bytes(sent - flushed_sent, received - flushed_received, loop.time())
+            backend.on_bytes(sent - flushed_sent, received - flushed_received, now)
 
     async def _pump(self, framer: BodyFramer, up: Channel) -> None:
         """Forward the rest of the request body to the backend, beside the response reader."""

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Mapping, Sequence
 
 from halb.config_model import ListenerConfig
 from halb.pool import Pool
@@ -34,8 +35,8 @@ HOUSEKEEPING_INTERVAL = 0.5
 class ProxyServer:
     def __init__(
         self,
-        listeners: list[ListenerConfig],
-        pools: dict[str, Pool],
+        listeners: Sequence[ListenerConfig],
+        pools: Mapping[str, Pool],
         *,
         upstream_idle_timeout: float = 15.0,
         upstream_max_idle: int = 64,

@@ -25,6 +25,7 @@ from halb.backend import Backend
 from halb.balancing.base import Context
 from halb.config_model import ListenerConfig
 from halb.pool import Pool
+from halb.proxy.flush import close_after_flush, write_eof_after_flush
 from halb.proxy.stats import TcpListenerStats
 
 log = logging.getLogger("halb.proxy.tcp")
@@ -263,7 +264,7 @@ class TcpSession(asyncio.Protocol):
                 if abort:
                     transport.abort()
                 else:
-                    transport.close()
+                    close_after_flush(transport, self.loop, self.listener.config.client_timeout)
         backend = self.backend
         if backend is not None:
             now = self.loop.time()
@@ -322,9 +323,4 @@ class _UpstreamSide(asyncio.Protocol):
 
 
 def _shut_write(transport: asyncio.Transport) -> None:
-    if transport.is_closing():
-        return
-    if transport.can_write_eof():
-        transport.write_eof()
-    else:
-        transport.close()
+    write_eof_after_flush(transport, asyncio.get_running_loop())

@@ -120,10 +120,9 @@ class DecodeError(ProtocolError):
         if reason not in REJECT_REASONS:  # pragma: no cover - programming error
             raise AssertionError(f"unknown reject reason {reason!r}")
         self.detail = detail
-        super().__init__(f"VRRP packet rejected: {reason}" + (f" ({detail})" if detail else ""), reason=reason)
-
-    # ``reason`` is set by ProtocolError; re-declared for type checkers.
-    reason: str
+        super().__init__(
+            f"VRRP packet rejected: {reason}" + (f" ({detail})" if detail else ""), reason=reason
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +186,7 @@ def internet_checksum(data: bytes) -> int:
     """RFC 1071 Internet checksum: one's complement of the one's complement sum of 16-bit words."""
     if len(data) % 2:
         data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

@@ -100,7 +100,7 @@ Where this follows keepalived rather than the letter of RFC 5798
   the future lower-priority adverts are accepted like any other (they reset Master_Down_Timer); after
   it, they are discarded and we take over when Master_Down_Timer fires. Leaving MASTER clears it too.
   The owner (``P == 255``) ignores the delay, as it ignores ``preempt = False`` (RFC 5798 section
-  6.1: "the exception is that the owner ... always preempts").
+  6.1, Preempt_Mode: the router owning the address always preempts, whatever the flag).
 * Tracking (:meth:`VrrpMachine.set_priority`): a MASTER advertises a changed priority immediately
   instead of at the next Adver_Timer (keepalived waits for the timer). A BACKUP raised above the
   Master's priority takes over exactly as RFC/keepalived do: the Master's now-lower adverts are
@@ -432,7 +432,7 @@ class VrrpMachine:
             self._deadline = now + self._own_interval
             return [SendAdvert(self._advert(self._priority))]
         sender = int(ipaddress.IPv4Address(src_ip))
-        if p > self._priority + 1000:
+        if p > self._priority or (p == self._priority and sender > self._own_address):
             self._state = State.BACKUP
             self._preempt_until = None
             self._learn_master(now, advert, src_ip)

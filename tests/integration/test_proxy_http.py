@@ -25,6 +25,7 @@ from halb.proxy.upstream_pool import UpstreamPool
 pytestmark = pytest.mark.timeout(10)
 
 _LOOP = ["asyncio"]
+_CLIENTS: list[Client] = []
 
 
 @pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
@@ -40,8 +41,17 @@ def run(main: Callable[[], Coroutine[Any, Any, None]], timeout: float = 5.0) -> 
     if loop == "uvloop":
         uvloop = pytest.importorskip("uvloop")
         factory = uvloop.new_event_loop
+
+    async def guarded() -> None:
+        try:
+            await asyncio.wait_for(main(), timeout)
+        finally:  # client sockets are closed even when the test failed
+            for client in _CLIENTS:
+                client.writer.transport.abort()
+            _CLIENTS.clear()
+
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(asyncio.wait_for(main(), timeout))
+        runner.run(guarded())
 
 
 def closed_port() -> int:
@@ -209,6 +219,7 @@ async def read_response(reader: asyncio.StreamReader, method: str = "GET") -> Re
 class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        _CLIENTS.append(self)
 
     @classmethod
     async def connect(cls, addr: tuple[str, int]) -> Client:
@@ -270,6 +281,32 @@ async def backends(*handlers: Handler | None, keep_body: bool = False) -> AsyncI
     finally:
         for b in started:
             await b.stop()
+
+
+@contextlib.asynccontextmanager
+async def stream_backend(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A raw backend: `handler` gets each connection; every connection is closed at exit."""
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.add(writer)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.transport.abort()
+            writers.discard(writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in list(writers):
+            writer.transport.abort()
 
 
 async def poll(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
@@ -420,6 +457,7 @@ def test_slow_client_keeps_proxy_memory_bounded() -> None:
             sock.connect(addr)
             sock.setblocking(False)
             reader, writer = await asyncio.open_connection(sock=sock)
+            Client(reader, writer)  # (closed at the end even on failure)
             writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
             # Do not read: wait until the backend is blocked (its progress stops).
             last, stable = -1, 0
@@ -523,34 +561,28 @@ def test_backend_answering_before_the_body_ends_closes_the_client() -> None:
         writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
         await writer.drain()
         # Like nginx: keep reading (and dropping) the upload so the answer is not destroyed by a reset.
-        with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                pass
-        writer.close()
+        while await reader.read(65536):
+            pass
 
     async def main() -> None:
-        backend = await asyncio.start_server(early, "127.0.0.1", 0)
-        try:
-            async with proxy(make_pool([backend.sockets[0].getsockname()[1]])) as (_, addr):
-                client = await Client.connect(addr)
-                size = 2 * 1024 * 1024
-                client.writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+        async with stream_backend(early) as port, proxy(make_pool([port])) as (_, addr):
+            client = await Client.connect(addr)
+            size = 2 * 1024 * 1024
+            client.writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
 
-                async def upload() -> None:
-                    with contextlib.suppress(ConnectionError):
-                        for _ in range(size // 65536):
-                            client.writer.write(b"u" * 65536)
-                            await client.writer.drain()
+            async def upload() -> None:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(size // 65536):
+                        client.writer.write(b"u" * 65536)
+                        await client.writer.drain()
 
-                uploading = asyncio.ensure_future(upload())
-                resp = await read_response(client.reader)
-                assert resp.status == 413 and resp.body == b"big"
-                assert resp.get("connection") == "close"
-                await uploading
-                assert await client.at_eof()
-                client.close()
-        finally:
-            backend.close()
+            uploading = asyncio.ensure_future(upload())
+            resp = await read_response(client.reader)
+            assert resp.status == 413 and resp.body == b"big"
+            assert resp.get("connection") == "close"
+            await uploading
+            assert await client.at_eof()
+            client.close()
 
     run(main)
 
@@ -774,23 +806,18 @@ def test_expect_100_continue_is_relayed() -> None:
             writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\n" + body)
             await writer.drain()
             await reader.read()
-            writer.close()
 
-        backend = await asyncio.start_server(serve, "127.0.0.1", 0)
-        try:
-            async with proxy(make_pool([backend.sockets[0].getsockname()[1]])) as (_, addr):
-                client = await Client.connect(addr)
-                client.writer.write(
-                    b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
-                )
-                interim = await client.reader.readuntil(b"\r\n\r\n")
-                assert interim.startswith(b"HTTP/1.1 100 ")
-                client.writer.write(b"hello")
-                resp = await read_response(client.reader)
-                assert resp.status == 201 and resp.body == b"hello"
-                client.close()
-        finally:
-            backend.close()
+        async with stream_backend(serve) as port, proxy(make_pool([port])) as (_, addr):
+            client = await Client.connect(addr)
+            client.writer.write(
+                b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+            )
+            interim = await client.reader.readuntil(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            client.writer.write(b"hello")
+            resp = await read_response(client.reader)
+            assert resp.status == 201 and resp.body == b"hello"
+            client.close()
 
     run(main)
 

@@ -173,7 +173,7 @@ def test_client_reaches_every_balancer(lab: Lab) -> None:
 def test_status_lists_hosts_roles_and_services(lab: Lab) -> None:
     doc = lab.status()
     assert doc["vips"] == ["10.99.0.100"]
-    assert doc["vip_holders"] == []  # no VRRP yet
+    assert doc["vip_holders"] == ["lb1"]  # VRRP is on by default; `up` waits for the election
     roles = {h["name"]: (h["role"], h["namespace"], h["state"]) for h in doc["hosts"]}
     assert roles["lb1"] == ("lb", lab.ns("lb1"), "running")
     assert roles["web2"] == ("web", lab.ns("web2"), "running")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 
 import pytest
@@ -69,10 +70,13 @@ def test_every_generated_config_loads_today() -> None:
         assert str(pool.backends[0].address) == "10.99.0.51:80"
         assert (pool.health.kind, pool.health.path) == ("http", "/healthz")
         assert (pool.health.interval, pool.health.timeout) == (0.5, 0.3)
-        assert "[vrrp]" not in text
+        assert config.vrrp is not None  # VRRP is on by default
+        assert (config.vrrp.interface, config.vrrp.vrid) == ("eth0", 51)
+        assert config.vrrp.priority == spec.priority(name)
+        assert config.vrrp.virtual_ips == ("10.99.0.100/32",)
 
 
-def test_vrrp_section_only_when_switched_on() -> None:
+def test_vrrp_section_unless_switched_off() -> None:
     spec = ClusterSpec(
         lbs=(NodeSpec("a", "192.168.56.11"), NodeSpec("b", "192.168.56.12")),
         backends=(BackendSpec("w", "192.168.56.21", 8080),),
@@ -85,11 +89,14 @@ def test_vrrp_section_only_when_switched_on() -> None:
         "interface": "eth0",
         "vrid": 51,
         "priority": 150,
+        "advert_interval": 1.0,
         "virtual_ips": ["192.168.56.100"],
     }
     assert docs["b"]["vrrp"]["priority"] == 140
     assert docs["a"]["pools"]["app"]["algorithm"] == "least_connections"
     assert docs["a"]["pools"]["app"]["backends"][0]["address"] == "192.168.56.21:8080"
+    off = dataclasses.replace(spec, vrrp=False)
+    assert "vrrp" not in tomllib.loads(node_config(off, "a"))
 
 
 def test_cluster_spec_validation() -> None:

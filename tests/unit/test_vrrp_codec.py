@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from halb.errors import ProtocolError
 from halb.vrrp.codec import (
     REJECT_REASONS,
     Advert,
+    ChecksumMode,
     DecodeError,
     ReceivedAdvert,
     decode,
@@ -27,10 +29,10 @@ GROUP = "224.0.0.18"
 # IP(src="192.168.1.10", dst="224.0.0.18", ttl=255, proto=112)
 #   / VRRPv3(vrid=51, priority=100, adv=100, addrlist=["192.168.1.100", "10.0.0.1"])
 # as built by scapy 2.8.0 (checksum 0xfc12 includes the IPv4 pseudo-header). Re-checked live below.
-SCAPY_VECTOR = bytes.fromhex(
-    "4500002400010000ff7019a4c0a8010ae0000012313364020064fc12c0a801640a000001"
+SCAPY_VECTOR = bytes.fromhex("4500002400010000ff7019a4c0a8010ae0000012313364020064fc12c0a801640a000001")
+VECTOR_ADVERT = Advert(
+    vrid=51, priority=100, max_advert_interval_cs=100, addresses=("192.168.1.100", "10.0.0.1")
 )
-VECTOR_ADVERT = Advert(vrid=51, priority=100, max_advert_interval_cs=100, addresses=("192.168.1.100", "10.0.0.1"))
 # Same message with the RFC 9568 (message-only) checksum; 0x9e58 == scapy.utils.checksum(message).
 VECTOR_RFC9568_CHECKSUM = 0x9E58
 
@@ -66,15 +68,15 @@ def ipv4(
     return header + options + payload
 
 
-def packet(advert: Advert = VECTOR_ADVERT, mode: str = "pseudo_header", **ip_kwargs: object) -> bytes:
+def packet(advert: Advert = VECTOR_ADVERT, mode: ChecksumMode = "pseudo_header", **ip_kwargs: Any) -> bytes:
     src = str(ip_kwargs.get("src", SRC))
     dst = str(ip_kwargs.get("dst", GROUP))
-    return ipv4(encode(advert, src, dst, checksum_mode=mode), **ip_kwargs)  # type: ignore[arg-type]
+    return ipv4(encode(advert, src, dst, checksum_mode=mode), **ip_kwargs)
 
 
-def reason_of(data: bytes, **kwargs: object) -> str:
+def reason_of(data: bytes, **kwargs: Any) -> str:
     with pytest.raises(DecodeError) as info:
-        decode(data, **kwargs)  # type: ignore[arg-type]
+        decode(data, **kwargs)
     return info.value.reason
 
 
@@ -88,11 +90,13 @@ def reason_of(data: bytes, **kwargs: object) -> str:
         VECTOR_ADVERT,
         Advert(vrid=1, priority=255, max_advert_interval_cs=1, addresses=("10.1.2.3",)),
         Advert(vrid=255, priority=0, max_advert_interval_cs=4095, addresses=()),
-        Advert(vrid=7, priority=1, max_advert_interval_cs=10, addresses=tuple(f"10.0.{i}.1" for i in range(20))),
+        Advert(
+            vrid=7, priority=1, max_advert_interval_cs=10, addresses=tuple(f"10.0.{i}.1" for i in range(20))
+        ),
     ],
 )
-def test_round_trip(advert: Advert, mode: str) -> None:
-    received = decode(packet(advert, mode), checksum_mode=mode)  # type: ignore[arg-type]
+def test_round_trip(advert: Advert, mode: ChecksumMode) -> None:
+    received = decode(packet(advert, mode), checksum_mode=mode)
     assert received == ReceivedAdvert(advert=advert, src_ip=SRC, dst_ip=GROUP)
 
 
@@ -107,9 +111,9 @@ adverts = st.builds(
 
 
 @given(advert=adverts, src=ipv4_strings, dst=ipv4_strings, mode=st.sampled_from(["pseudo_header", "rfc9568"]))
-def test_round_trip_property(advert: Advert, src: str, dst: str, mode: str) -> None:
-    data = ipv4(encode(advert, src, dst, checksum_mode=mode), src=src, dst=dst)  # type: ignore[arg-type]
-    received = decode(data, expected_vrid=advert.vrid, checksum_mode=mode)  # type: ignore[arg-type]
+def test_round_trip_property(advert: Advert, src: str, dst: str, mode: ChecksumMode) -> None:
+    data = ipv4(encode(advert, src, dst, checksum_mode=mode), src=src, dst=dst)
+    received = decode(data, expected_vrid=advert.vrid, checksum_mode=mode)
     assert received == ReceivedAdvert(advert, src, dst)
 
 
@@ -137,7 +141,11 @@ def test_cross_check_against_scapy() -> None:
 
     for advert, src, dst in [
         (VECTOR_ADVERT, SRC, GROUP),
-        (Advert(vrid=200, priority=254, max_advert_interval_cs=10, addresses=("172.16.0.1",)), "172.16.0.2", GROUP),
+        (
+            Advert(vrid=200, priority=254, max_advert_interval_cs=10, addresses=("172.16.0.1",)),
+            "172.16.0.2",
+            GROUP,
+        ),
         # unicast: keepalived sums the real destination, and so does scapy
         (Advert(vrid=9, priority=1, max_advert_interval_cs=4095, addresses=()), "10.0.0.1", "10.0.0.2"),
     ]:
@@ -228,13 +236,13 @@ def test_decode_error_is_a_protocol_error_with_reason() -> None:
     assert "TTL 64" in str(err)
 
 
-def _with_vrrp_bytes(changes: dict[int, int], *, mode: str = "pseudo_header") -> bytes:
+def _with_vrrp_bytes(changes: dict[int, int], *, mode: ChecksumMode = "pseudo_header") -> bytes:
     """The vector with some VRRP bytes replaced and the checksum recomputed, so only the change fails."""
-    message = bytearray(encode(VECTOR_ADVERT, SRC, checksum_mode=mode))  # type: ignore[arg-type]
+    message = bytearray(encode(VECTOR_ADVERT, SRC, checksum_mode=mode))
     for index, value in changes.items():
         message[index] = value
     message[6:8] = b"\x00\x00"
-    message[6:8] = struct.pack("!H", vrrp_checksum(bytes(message), SRC, GROUP, mode))  # type: ignore[arg-type]
+    message[6:8] = struct.pack("!H", vrrp_checksum(bytes(message), SRC, GROUP, mode))
     return ipv4(bytes(message))
 
 
@@ -254,7 +262,9 @@ def _with_vrrp_bytes(changes: dict[int, int], *, mode: str = "pseudo_header") ->
         ),
         pytest.param(packet(), {"checksum_mode": "rfc9568"}, "checksum", id="pseudo-header-read-as-rfc9568"),
         pytest.param(packet(mode="rfc9568"), {}, "checksum", id="rfc9568-read-as-pseudo-header"),
-        pytest.param(ipv4(encode(VECTOR_ADVERT, SRC), src="192.168.1.11"), {}, "checksum", id="spoofed-source"),
+        pytest.param(
+            ipv4(encode(VECTOR_ADVERT, SRC), src="192.168.1.11"), {}, "checksum", id="spoofed-source"
+        ),
         pytest.param(b"", {}, "truncated", id="empty"),
         pytest.param(SCAPY_VECTOR[:19], {}, "truncated", id="short-ip-header"),
         pytest.param(SCAPY_VECTOR[:27], {}, "truncated", id="cut-vrrp-header"),
@@ -290,7 +300,7 @@ def test_bad_arguments_are_value_errors() -> None:
         decode(SCAPY_VECTOR, checksum_mode="nope")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         encode(VECTOR_ADVERT, SRC, checksum_mode="nope")  # type: ignore[arg-type]
-    for bad in [
+    bad_fields: list[dict[str, object]] = [
         {"vrid": 256},
         {"priority": -1},
         {"max_advert_interval_cs": 4096},
@@ -298,7 +308,8 @@ def test_bad_arguments_are_value_errors() -> None:
         {"addresses": ("::1",)},
         {"version": 16},
         {"priority": True},
-    ]:
+    ]
+    for bad in bad_fields:
         fields: dict[str, object] = {"vrid": 1, "priority": 100, "max_advert_interval_cs": 100, **bad}
         with pytest.raises(ValueError):
             Advert(**fields)  # type: ignore[arg-type]
@@ -313,9 +324,9 @@ def test_advert_addresses_list_becomes_tuple() -> None:
 # --------------------------------------------------------------------------- fuzzing
 
 
-def _decode_or_reason(data: bytes, **kwargs: object) -> None:
+def _decode_or_reason(data: bytes, **kwargs: Any) -> None:
     try:
-        received = decode(data, **kwargs)  # type: ignore[arg-type]
+        received = decode(data, **kwargs)
     except DecodeError as err:
         assert err.reason in REJECT_REASONS
     else:

@@ -66,6 +66,12 @@ def sent(actions: list[Action]) -> list[int]:
     return [a.priority for a in actions if isinstance(a, SendAdvert)]
 
 
+def deadline(m: VrrpMachine) -> float:
+    value = m.next_deadline()
+    assert value is not None
+    return value
+
+
 def master_down(priority: int, interval: float = 1.0) -> float:
     return 3 * interval + (256 - priority) * interval / 256
 
@@ -79,14 +85,19 @@ def backup_at(t: float = 0.0, **kwargs: object) -> VrrpMachine:
 
 def master_at(t: float = 0.0, **kwargs: object) -> VrrpMachine:
     m = backup_at(t, **kwargs)
-    deadline = m.next_deadline()
-    assert deadline is not None
-    m.timer_fired(deadline)
+    m.timer_fired(deadline(m))
     assert m.state is State.MASTER
     return m
 
 
 BECOME_MASTER = [SendAdvert, AddVips, SendGarp, StateChanged]
+
+
+def new_state(actions: list[Action]) -> State:
+    """The state named by the last StateChanged in ``actions``."""
+    changes = [a for a in actions if isinstance(a, StateChanged)]
+    assert changes, actions
+    return changes[-1].new
 
 
 # --------------------------------------------------------------------------- timers arithmetic
@@ -118,16 +129,16 @@ def test_startup_below_owner_is_backup_then_master_after_master_down_interval_of
     m = make(priority=100)
     assert m.state is State.INITIALIZE and m.next_deadline() is None
     assert m.startup(5.0) == [StateChanged(State.INITIALIZE, State.BACKUP, TransitionReason.STARTUP)]
-    deadline = m.next_deadline()
-    assert deadline == pytest.approx(5.0 + master_down(100))
-    assert m.timer_fired(deadline - 0.001) == []  # early: nothing
-    actions = m.timer_fired(deadline)
+    due = deadline(m)
+    assert due == pytest.approx(5.0 + master_down(100))
+    assert m.timer_fired(due - 0.001) == []  # early: nothing
+    actions = m.timer_fired(due)
     assert [type(a) for a in actions] == BECOME_MASTER
     assert actions[-1] == StateChanged(State.BACKUP, State.MASTER, TransitionReason.MASTER_DOWN)
-    assert m.timer_fired(deadline) == []  # twice: nothing
+    assert m.timer_fired(due) == []  # twice: nothing
     # Master then advertises every Advertisement_Interval
-    assert sent(m.timer_fired(deadline + 1.0)) == [100]
-    assert m.next_deadline() == pytest.approx(deadline + 2.0)
+    assert sent(m.timer_fired(due + 1.0)) == [100]
+    assert m.next_deadline() == pytest.approx(due + 2.0)
 
 
 @pytest.mark.parametrize("call", ["shutdown", "advert", "timer"])
@@ -210,8 +221,8 @@ def test_preempt_on_lower_priority_master_is_discarded_then_preempted() -> None:
     for t in (1.0, 2.0, 3.0):
         assert m.advert_received(t, adv(100), PEER_LOW) == []
     assert m.next_deadline() == first_deadline  # discarded: timer not reset
-    actions = m.timer_fired(first_deadline)  # type: ignore[arg-type]
-    assert actions[-1].new is State.MASTER  # type: ignore[union-attr]
+    assert first_deadline is not None
+    assert new_state(m.timer_fired(first_deadline)) is State.MASTER
 
 
 def test_preempt_off_higher_priority_backup_stays_backup() -> None:
@@ -227,10 +238,10 @@ def test_preempt_off_owner_still_preempts() -> None:
     m = backup_at(0.0, priority=100, preempt=False)
     m.advert_received(1.0, adv(150), PEER_HIGH)
     m.set_priority(1.5, 255)  # tracking made us owner while backup
-    deadline = m.next_deadline()
+    due = deadline(m)
     m.advert_received(2.0, adv(150), PEER_HIGH)  # lower than 255: discarded even with preempt off
-    assert m.next_deadline() == deadline
-    assert m.timer_fired(deadline)[-1].new is State.MASTER  # type: ignore[index, union-attr, arg-type]
+    assert m.next_deadline() == due
+    assert new_state(m.timer_fired(due)) is State.MASTER
 
 
 def test_preempt_delay_counts_from_startup() -> None:
@@ -241,7 +252,7 @@ def test_preempt_delay_counts_from_startup() -> None:
         assert m.next_deadline() == pytest.approx(t + master_down(200))
     m.advert_received(10.5, adv(100), PEER_LOW)  # after it: discarded
     assert m.next_deadline() == pytest.approx(9 + master_down(200))
-    assert m.timer_fired(9 + master_down(200))[-1].new is State.MASTER  # type: ignore[union-attr]
+    assert new_state(m.timer_fired(9 + master_down(200))) is State.MASTER
 
 
 def test_preempt_delay_restarts_when_seeing_a_lower_master_after_a_higher_one() -> None:
@@ -324,15 +335,15 @@ def test_tie_break_compares_numerically_not_as_strings() -> None:
     m = master_at(0.0, priority=100, primary_ip="10.0.0.10")
     assert m.advert_received(1.0, adv(100), "10.0.0.9") == [SendAdvert(Advert(51, 100, 100, VIPS))]
     m = master_at(0.0, priority=100, primary_ip="10.0.0.9")
-    assert m.advert_received(1.0, adv(100), "10.0.0.10")[-1].new is State.BACKUP  # type: ignore[union-attr]
+    assert new_state(m.advert_received(1.0, adv(100), "10.0.0.10")) is State.BACKUP
 
 
 def test_master_reasserts_on_lower_priority_advert() -> None:
     m = master_at(0.0, priority=200)
-    deadline = m.next_deadline()
-    assert sent(m.advert_received(deadline - 0.5, adv(100), PEER_HIGH)) == [200]  # type: ignore[operator]
+    due = deadline(m)
+    assert sent(m.advert_received(due - 0.5, adv(100), PEER_HIGH)) == [200]
     assert m.state is State.MASTER
-    assert m.next_deadline() == deadline  # keepalived does not reset the Adver_Timer for this
+    assert m.next_deadline() == due  # keepalived does not reset the Adver_Timer for this
 
 
 def test_master_lower_priority_discard_when_reassert_disabled() -> None:
@@ -360,7 +371,7 @@ def test_master_shutdown_sends_priority_zero_and_removes_vips() -> None:
     assert m.state is State.INITIALIZE and m.next_deadline() is None
     assert m.shutdown(9.5) == []
     # and it can come back
-    assert m.startup(20.0)[-1].new is State.BACKUP  # type: ignore[union-attr]
+    assert new_state(m.startup(20.0)) is State.BACKUP
 
 
 # --------------------------------------------------------------------------- tracking
@@ -373,17 +384,17 @@ def test_master_priority_drop_is_advertised_at_once_and_hands_over() -> None:
     actions = a.set_priority(1.5, 100)
     assert sent(actions) == [100] and a.next_deadline() == pytest.approx(2.5)
     # the backup discards the now-lower adverts and takes over when its timer fires
-    deadline = b.next_deadline()
+    due = deadline(b)
     for action in actions:
         assert isinstance(action, SendAdvert)
         b.advert_received(1.5, action.advert, ME)
-    assert b.next_deadline() == deadline
-    takeover = b.timer_fired(deadline)  # type: ignore[arg-type]
+    assert b.next_deadline() == due
+    takeover = b.timer_fired(due)
     assert takeover[-1] == StateChanged(State.BACKUP, State.MASTER, TransitionReason.MASTER_DOWN)
     # the old master yields to the new master's first advert
     first = takeover[0]
     assert isinstance(first, SendAdvert)
-    yielded = a.advert_received(deadline, first.advert, PEER_LOW)  # type: ignore[arg-type]
+    yielded = a.advert_received(due, first.advert, PEER_LOW)
     assert yielded[-1] == StateChanged(State.MASTER, State.BACKUP, TransitionReason.HIGHER_PRIORITY)
 
 
@@ -395,19 +406,19 @@ def test_unchanged_priority_is_a_no_op() -> None:
 def test_backup_priority_raise_pulls_timer_in_and_preempts() -> None:
     m = backup_at(0.0, priority=50)
     m.advert_received(1.0, adv(100), PEER_HIGH)
-    old_deadline = m.next_deadline()
+    old_deadline = deadline(m)
     assert m.set_priority(1.2, 150) == []
-    assert m.next_deadline() == pytest.approx(old_deadline - (150 - 50) / 256)  # type: ignore[operator]
+    assert m.next_deadline() == pytest.approx(old_deadline - (150 - 50) / 256)
     m.advert_received(2.0, adv(100), PEER_HIGH)  # lower than us now: discarded
-    deadline = m.next_deadline()
-    assert deadline == pytest.approx(1.0 + master_down(150))
-    assert m.timer_fired(deadline)[-1].new is State.MASTER  # type: ignore[arg-type, union-attr]
+    due = deadline(m)
+    assert due == pytest.approx(1.0 + master_down(150))
+    assert new_state(m.timer_fired(due)) is State.MASTER
 
 
 def test_backup_priority_drop_keeps_timer() -> None:
     m = backup_at(0.0, priority=150)
-    deadline = m.next_deadline()
-    assert m.set_priority(0.5, 20) == [] and m.next_deadline() == deadline
+    due = m.next_deadline()
+    assert m.set_priority(0.5, 20) == [] and m.next_deadline() == due
 
 
 @pytest.mark.parametrize("bad", [0, 256, -1, True])
@@ -444,7 +455,7 @@ def test_config_validation(kwargs: dict[str, object]) -> None:
 
 
 def test_config_interval_centiseconds() -> None:
-    assert VrrpConfig(1, 100, ME, ["10.0.0.1"], advert_interval=0.1).advert_interval_cs == 10  # type: ignore[arg-type]
+    assert VrrpConfig(1, 100, ME, ("10.0.0.1",), advert_interval=0.1).advert_interval_cs == 10
     assert VrrpConfig(1, 100, ME, (), advert_interval=40.95).advert_interval_cs == 4095
 
 
@@ -466,6 +477,19 @@ class Node:
     transitions: list[tuple[float, StateChanged]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TimerEvent:
+    index: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    index: int
+    advert: Advert
+    src_ip: str
+
+
 class Lan:
     """N machines on a lossy multicast LAN driven by a virtual clock, each with one timer."""
 
@@ -475,13 +499,13 @@ class Lan:
         self.loss = 0.0
         self.now = 0.0
         self.events = 0
-        self._queue: list[tuple[float, int, str, object]] = []
+        self._queue: list[tuple[float, int, TimerEvent | Delivery]] = []
         self._seq = itertools.count()
 
     # -- plumbing
 
-    def _push(self, at: float, kind: str, payload: object) -> None:
-        heapq.heappush(self._queue, (at, next(self._seq), kind, payload))
+    def _push(self, at: float, event: TimerEvent | Delivery) -> None:
+        heapq.heappush(self._queue, (at, next(self._seq), event))
 
     def _apply(self, node: Node, actions: list[Action]) -> None:
         """Carry out actions like a driver would, checking the machine's invariants on the way."""
@@ -490,7 +514,7 @@ class Lan:
                 assert action.advert.vrid == node.config.vrid
                 for other in self.nodes:
                     if other is not node and self.rng.random() >= self.loss:
-                        self._push(self.now + LATENCY, "deliver", (other.index, action.advert, node.ip))
+                        self._push(self.now + LATENCY, Delivery(other.index, action.advert, node.ip))
             elif isinstance(action, AddVips):
                 assert not node.holds_vips, "AddVips while holding VIPs"
                 node.holds_vips = True
@@ -509,7 +533,7 @@ class Lan:
         node.timer_generation += 1
         if deadline is not None:
             assert deadline >= self.now - 1.0, "deadline far in the past"
-            self._push(max(deadline, self.now), "timer", (node.index, node.timer_generation))
+            self._push(max(deadline, self.now), TimerEvent(node.index, node.timer_generation))
         else:
             assert state is State.INITIALIZE
 
@@ -517,20 +541,16 @@ class Lan:
         while self._queue and self._queue[0][0] <= end:
             self.events += 1
             assert self.events < 200_000, "runaway simulation"
-            at, _, kind, payload = heapq.heappop(self._queue)
+            at, _, event = heapq.heappop(self._queue)
             self.now = at
-            if kind == "timer":
-                index, generation = payload  # type: ignore[misc]
-                node = self.nodes[index]
-                if node.running and generation == node.timer_generation:
+            node = self.nodes[event.index]
+            if isinstance(event, TimerEvent):
+                if node.running and event.generation == node.timer_generation:
                     self._apply(node, node.machine.timer_fired(at))
                     after = node.machine.next_deadline()
                     assert after is None or after > at, "an expired timer must move its deadline"
-            else:
-                index, advert, src = payload  # type: ignore[misc]
-                node = self.nodes[index]
-                if node.running:
-                    self._apply(node, node.machine.advert_received(at, advert, src))
+            elif node.running:
+                self._apply(node, node.machine.advert_received(at, event.advert, event.src_ip))
         self.now = end
 
     # -- operator actions
@@ -569,12 +589,15 @@ class Lan:
         return [n for n in self.nodes if n.running]
 
 
+# Priorities biased towards a few shared values (ties) and the owner value 255.
+priority_values = st.one_of(st.integers(1, 255), st.sampled_from([1, 100, 200, 254, 255]))
+
 operations = st.lists(
     st.tuples(
         st.floats(0.0, 8.0),  # wait this many advert intervals first
         st.sampled_from(["stop", "crash", "start", "priority", "loss", "nothing"]),
         st.integers(0, 3),  # node index (mod N)
-        st.integers(1, 255),  # new priority
+        priority_values,  # new priority
         st.sampled_from([0.0, 0.1, 0.3, 0.6, 1.0]),  # new loss rate
     ),
     max_size=25,
@@ -584,7 +607,7 @@ operations = st.lists(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(2, 4),
-    priorities=st.lists(st.integers(1, 255), min_size=4, max_size=4, unique=True),
+    priorities=st.lists(priority_values, min_size=4, max_size=4, unique=True),
     interval=st.sampled_from([1.0, 0.1, 0.35]),
     preempt=st.booleans(),
     preempt_delay_intervals=st.sampled_from([0, 0, 2, 7]),
@@ -668,3 +691,85 @@ def test_simulated_lan_converges_to_one_master(
     # stable: nobody changed state during the last 3 x Master_Down_Interval
     late = [t for node in lan.nodes for (t, _) in node.transitions if t > settled_at]
     assert late == []
+
+
+def _lan(priorities: list[int], *, preempt: bool = True, interval: float = 1.0) -> Lan:
+    configs = [
+        VrrpConfig(
+            vrid=7,
+            priority=priority,
+            primary_ip=f"10.0.0.{i + 1}",
+            virtual_ips=("10.0.0.254",),
+            advert_interval=interval,
+            preempt=preempt,
+        )
+        for i, priority in enumerate(priorities)
+    ]
+    return Lan(configs, random.Random(0))
+
+
+def _masters(lan: Lan) -> list[str]:
+    return [node.ip for node in lan.running() if node.machine.state is State.MASTER]
+
+
+def test_lan_equal_priorities_started_together_elect_the_greatest_address() -> None:
+    lan = _lan([100, 100, 100])
+    for i in range(3):
+        lan.start(i)
+    lan.run_until(4.0)  # all three time out at the same instant and all become master ...
+    became_master = [t for node in lan.nodes for t, c in node.transitions if c.new is State.MASTER]
+    assert became_master == [pytest.approx(master_down(100))] * 3
+    lan.run_until(30.0)  # ... and the tie-break leaves the greatest address
+    assert _masters(lan) == ["10.0.0.3"]
+    assert all(t < 4.0 for node in lan.nodes for t, _ in node.transitions)
+
+
+def test_lan_crash_takeover_after_master_down_interval() -> None:
+    lan = _lan([200, 150, 100])
+    for i in range(3):
+        lan.start(i)
+    lan.run_until(10.0)
+    assert _masters(lan) == ["10.0.0.1"]
+    last_advert = 9.0 + LATENCY + master_down(200) - 3.0  # adverts at 3.22 + k, the last one before 10.0
+    lan.crash(0)
+    lan.run_until(20.0)
+    assert _masters(lan) == ["10.0.0.2"]
+    ((t, change),) = lan.nodes[1].transitions[1:]
+    assert change.reason is TransitionReason.MASTER_DOWN
+    assert t == pytest.approx(last_advert + master_down(150), abs=1e-6)
+
+
+def test_lan_graceful_stop_takeover_after_skew_time() -> None:
+    lan = _lan([200, 150, 100])
+    for i in range(3):
+        lan.start(i)
+    lan.run_until(10.0)
+    lan.stop(0)  # priority 0 advert
+    lan.run_until(20.0)
+    assert _masters(lan) == ["10.0.0.2"]
+    ((t, _),) = lan.nodes[1].transitions[1:]
+    assert t == pytest.approx(10.0 + LATENCY + (256 - 150) / 256)  # Skew_Time, not Master_Down_Interval
+    assert len(lan.nodes[2].transitions) == 1  # the lowest never became master
+
+
+def test_lan_preempt_off_keeps_incumbent_until_it_leaves() -> None:
+    lan = _lan([200, 100], preempt=False)
+    lan.start(1)
+    lan.run_until(10.0)
+    lan.start(0)
+    lan.run_until(60.0)
+    assert _masters(lan) == ["10.0.0.2"]  # the higher one waits
+    lan.stop(1)
+    lan.run_until(70.0)
+    assert _masters(lan) == ["10.0.0.1"]
+
+
+def test_lan_preempt_on_higher_node_started_late_takes_over() -> None:
+    lan = _lan([200, 100])
+    lan.start(1)
+    lan.run_until(10.0)
+    lan.start(0)
+    lan.run_until(60.0)
+    assert _masters(lan) == ["10.0.0.1"]
+    ((t, _),) = lan.nodes[0].transitions[1:]
+    assert t == pytest.approx(10.0 + master_down(200))  # discards the lower adverts, timer runs out
