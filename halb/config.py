@@ -21,6 +21,7 @@ from typing import Any
 from halb.config_model import (
     AgentConfig,
     BackendConfig,
+    ClusterSettings,
     Config,
     GarpConfig,
     HealthConfig,
@@ -434,21 +435,87 @@ def _vrrp(r: Reader | None) -> VrrpSettings | None:
     return vrrp
 
 
+# --- [cluster] -----------------------------------------------------------------------------------------
+MIN_SECRET = 16  # characters of cluster.secret and cluster.token
+
+
+def _ip_host_port(r: Reader, key: str, text: str) -> HostPort:
+    """HOST:PORT whose host is an IP literal (pysyncobj names nodes by this exact string)."""
+    try:
+        hp = parse_host_port(text)
+    except ValueError as exc:
+        r.fail(key, str(exc))
+        raise AssertionError from None
+    try:
+        ipaddress.ip_address(hp.host)
+    except ValueError:
+        r.fail(key, f"{text!r}: the host must be an IP address (Raft members are named by IP:PORT)")
+    return hp
+
+
+def _cluster(r: Reader | None) -> ClusterSettings | None:
+    if r is None:
+        return None
+    d = ClusterSettings(address=HostPort("", 0), peers=(), secret="", token="")
+    address = _ip_host_port(r, "address", r.str("address"))
+    peers: list[HostPort] = []
+    for i, text in enumerate(_str_list(r, "peers")):
+        key = f"peers[{i}]"
+        peer = _ip_host_port(r, key, text.strip())
+        if peer == address:
+            r.fail(key, f"{peer} is this node's own cluster.address")
+        if peer in peers:
+            r.fail(key, f"{peer} is listed twice")
+        peers.append(peer)
+    secret = r.str("secret")
+    if len(secret) < MIN_SECRET:
+        r.fail("secret", f"must be at least {MIN_SECRET} characters (it keys the Raft transport encryption)")
+    token = r.str("token")
+    if len(token) < MIN_SECRET:
+        r.fail("token", f"must be at least {MIN_SECRET} characters (it guards the mutating admin API)")
+    if token == secret:
+        r.fail("token", "must differ from cluster.secret (operators get the token, never the secret)")
+    data_dir = r.str("data_dir")
+    if not os.path.isabs(data_dir):
+        r.fail("data_dir", f"must be an absolute path, got {data_dir!r}")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        r.fail("data_dir", f"{data_dir} exists and is not a directory")
+    cluster = ClusterSettings(
+        address=address,
+        peers=tuple(peers),
+        secret=secret,
+        token=token,
+        data_dir=data_dir,
+        role=r.str("role", d.role, choices=("balancer", "witness")),
+        lease_duration=r.float("lease_duration", d.lease_duration, lo=1.0, hi=60.0),
+    )
+    r.done()
+    return cluster
+
+
 def parse(document: dict[str, Any], source: str = "<config>") -> Config:
     """Validate an already-decoded TOML document."""
     top = Reader(source, "", document)
     node_reader = top.sub("node", required=True)
     assert node_reader is not None
     node = _node(node_reader)
+    cluster = _cluster(top.sub("cluster"))
+    witness = cluster is not None and cluster.is_witness
+    if witness:
+        for key in ("listeners", "pools", "vrrp"):
+            if top.has(key):
+                top.fail(
+                    key, 'not allowed with cluster.role = "witness" (a witness runs no proxy, holds no VIP)'
+                )
 
     pools: dict[str, PoolConfig] = {}
-    pools_reader = top.sub("pools", required=True)
-    assert pools_reader is not None
-    for name in list(pools_reader.table):
-        pool_reader = pools_reader.sub(name)
-        assert pool_reader is not None
-        pools[name] = _pool(name, pool_reader)
-    pools_reader.done()
+    pools_reader = top.sub("pools", required=not witness)
+    if pools_reader is not None:
+        for name in list(pools_reader.table):
+            pool_reader = pools_reader.sub(name)
+            assert pool_reader is not None
+            pools[name] = _pool(name, pool_reader)
+        pools_reader.done()
 
     listeners: list[ListenerConfig] = []
     names: set[str] = set()
@@ -464,13 +531,19 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
             lr.fail("pool", f"no pool named {listener.pool!r} (pools: {known})")
         if listener.bind == node.admin:
             lr.fail("bind", f"{listener.bind} is also node.admin")
+        if cluster is not None and listener.bind == cluster.address:
+            lr.fail("bind", f"{listener.bind} is also cluster.address")
         names.add(listener.name)
         binds[listener.bind] = listener.name
         listeners.append(listener)
     vrrp = _vrrp(top.sub("vrrp"))
     top.done()
     _check_addresses(source, node, listeners)
-    return Config(source=source, node=node, listeners=tuple(listeners), pools=pools, vrrp=vrrp)
+    if cluster is not None and cluster.address == node.admin:
+        raise ConfigError(source, "cluster.address", f"{cluster.address} is also node.admin")
+    return Config(
+        source=source, node=node, listeners=tuple(listeners), pools=pools, vrrp=vrrp, cluster=cluster
+    )
 
 
 def _check_addresses(source: str, node: NodeConfig, listeners: list[ListenerConfig]) -> None:

@@ -139,9 +139,30 @@ class VrrpSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """The optional `[cluster]` table: Raft membership, shared configuration and the VIP lease (halb.cluster).
+
+    `secret` and `token` are kept out of repr() so they never reach a log line.
+    """
+
+    address: HostPort  # this node's Raft address: bound, and the name the peers know it by
+    peers: tuple[HostPort, ...]  # the other members' Raft addresses (witness included)
+    secret: str = field(repr=False)  # pysyncobj transport encryption; a node with another one cannot join
+    token: str = field(repr=False)  # `Authorization: Bearer <token>` for mutating admin API calls
+    data_dir: str = ""  # Raft journal + full dump (absolute path)
+    role: str = "balancer"  # "balancer" | "witness" (votes in Raft; no proxy, no VIP)
+    lease_duration: float = 2.0  # VIP lease, seconds (see docs/quorum.md)
+
+    @property
+    def is_witness(self) -> bool:
+        return self.role == "witness"
+
+
+@dataclass(frozen=True)
 class Config:
     source: str  # the file it came from, for messages
     node: NodeConfig
     listeners: tuple[ListenerConfig, ...]
     pools: dict[str, PoolConfig]
     vrrp: VrrpSettings | None = None  # the optional [vrrp] table
+    cluster: ClusterSettings | None = None  # the optional [cluster] table

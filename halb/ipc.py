@@ -3,7 +3,8 @@
 How this works: each worker gets one end of a Unix socketpair (its fd is passed on exec). Both sides send
 length-prefixed pickled dicts with a "type" key. Only halb's own processes are on either end, so pickle
 is safe here. Messages, control -> worker: `config` (first), `state` (backend health/weight/drain),
-`drain`. Worker -> control: `ready` / `error` (once, after binding), `stats` (periodic), `connect_failed`.
+`reconfigure` (`pools`: {name: PoolConfig}, changed pool definitions), `drain`. Worker -> control:
+`ready` / `error` (once, after binding), `stats` (periodic), `connect_failed`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ How this works: built from a `PoolConfig`, a `Pool` owns one `Backend` record pe
 policy instance. The proxy calls `choose()` for each new request/connection and `report_connect_failure()`
 when a connect fails (that counts toward the backend's `fall` in the health layer, wired by the composition
 root through `on_connect_failure`). Health and operator state arrive through `set_state()`.
+
+`reconfigure(new_config)` applies a changed pool definition (from the cluster's shared configuration)
+in place: a backend whose name and address are unchanged keeps its `Backend` record (health, counters,
+in-flight connections), new ones start fresh, removed ones are dropped, and the policy is rebuilt.
+Listeners keep their reference to the same `Pool` object.
 """
 
 from __future__ import annotations
@@ -13,29 +18,52 @@ from collections.abc import Callable, Collection
 
 from halb.backend import Backend
 from halb.balancing.base import Context, Policy, make_policy
-from halb.config_model import PoolConfig
+from halb.config_model import BackendConfig, PoolConfig
 
 
 class Pool:
     def __init__(self, config: PoolConfig, rng: random.Random | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.backends: list[Backend] = [
-            Backend(
-                name=b.name,
-                host=b.address.host,
-                port=b.address.port,
-                weight=b.weight,
-                healthy=config.health.initial == "up" or config.health.kind == "none",
-                draining=b.draining,
-            )
-            for b in config.backends
-        ]
+        self._rng = rng
+        self.backends: list[Backend] = [self._new_backend(b) for b in config.backends]
         self._by_name = {b.name: b for b in self.backends}
         self.policy: Policy = make_policy(config.algorithm, self.backends, rng)
         # Set by the composition root; called with the backend whose connect failed.
         self.on_connect_failure: Callable[[Backend], None] = lambda backend: None
         self.no_backend_total = 0  # requests answered 503 because no backend was available
+
+    def _new_backend(self, b: BackendConfig) -> Backend:
+        return Backend(
+            name=b.name,
+            host=b.address.host,
+            port=b.address.port,
+            weight=b.weight,
+            healthy=self.config.health.initial == "up" or self.config.health.kind == "none",
+            draining=b.draining,
+        )
+
+    def reconfigure(self, config: PoolConfig) -> set[str]:
+        """Apply a changed definition in place; returns the names of the backends kept as they were."""
+        kept: set[str] = set()
+        backends: list[Backend] = []
+        self.config = config
+        for b in config.backends:
+            old = self._by_name.get(b.name)
+            if old is not None and (old.host, old.port) == (b.address.host, b.address.port):
+                old.weight = b.weight
+                old.draining = b.draining
+                backends.append(old)
+                kept.add(b.name)
+            else:
+                backends.append(self._new_backend(b))
+        self.backends = backends
+        self._by_name = {b.name: b for b in backends}
+        if self.policy.name != config.algorithm:
+            self.policy = make_policy(config.algorithm, backends, self._rng)
+        else:
+            self.policy.update(backends)
+        return kept
 
     def get(self, name: str) -> Backend | None:
         return self._by_name.get(name)

@@ -2,10 +2,12 @@
 
 How this works: the worker reads its configuration from the control socket, builds its own pools, binds
 every listener with SO_REUSEPORT (N workers share each port; the kernel spreads connections), and reports
-`ready` or `error`. It then applies backend state pushed by the control process, reports failed connects at
-once and traffic statistics every `STATS_INTERVAL`. It never touches netlink, Raft or health probes. On
-`drain` or SIGTERM/SIGINT it stops accepting, lets in-flight requests finish up to the drain timeout and
-exits 0. It dies with its parent (PR_SET_PDEATHSIG, and EOF on the control socket).
+`ready` or `error`. It then applies backend state pushed by the control process (and `reconfigure`: new
+pool definitions from the cluster's shared configuration, applied in place with `Pool.reconfigure`),
+reports failed connects at once and traffic statistics every `STATS_INTERVAL`. It never touches
+netlink, Raft or health probes. On `drain` or SIGTERM/SIGINT it stops accepting, lets in-flight requests
+finish up to the drain timeout and exits 0. It dies with its parent (PR_SET_PDEATHSIG, and EOF on the
+control socket).
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ class Worker:
         kind = message["type"]
         if kind == "state":
             apply_backend_states(self.pools, message["states"])
+        elif kind == "reconfigure":
+            for name, pool_config in message["pools"].items():
+                pool = self.pools.get(name)
+                if pool is not None:
+                    pool.reconfigure(pool_config)
         elif kind == "drain":
             self.draining.set()
         else:

@@ -1,7 +1,8 @@
 """Start, watch and stop the proxy worker processes of one node (control-process side).
 
 How this works: each worker is `python -m halb.worker` with one end of a socketpair. The supervisor sends it
-the configuration, waits for `ready` (or its bind error), relays backend state to every worker, collects
+the configuration, waits for `ready` (or its bind error), relays backend state (and `reconfigure`d pool
+definitions) to every worker, collects
 their statistics and restarts a worker that dies unexpectedly (like HAProxy's master-worker mode). Counters
 of a dead worker are kept in `retired` so totals never go backwards.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import subprocess
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from halb import ipc
-from halb.config_model import Config
+from halb.config_model import Config, PoolConfig
 
 log = logging.getLogger("halb.workers")
 COUNTER_KEYS = ("requests_total", "connect_failures_total", "bytes_to_backend", "bytes_from_backend")
@@ -146,6 +148,16 @@ class WorkerSupervisor:
                 if isinstance(value, int | float) and key.endswith("_total"):
                     slot[key] = slot.get(key, 0) + value
         handle.stats = {}
+
+    def reconfigure(self, pools: dict[str, PoolConfig]) -> None:
+        """Changed pool definitions: to every live worker now, and in the config of workers started later.
+
+        The next `push_states` sends every backend's state again (new backends start from defaults).
+        """
+        self.config = dataclasses.replace(self.config, pools={**self.config.pools, **pools})
+        for handle in self.workers.values():
+            ipc.send(handle.writer, {"type": "reconfigure", "pools": pools})
+        self._last_states = {}
 
     def push_states(self, states: dict[tuple[str, str], tuple[Any, ...]]) -> None:
         """Send backend state to every worker when it changed since the last push."""

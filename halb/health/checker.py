@@ -26,7 +26,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,14 @@ class HealthChecker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ramp_task: asyncio.Task[None] | None = None
         self._running = False
+
+    def adopt(self, previous: HealthChecker, names: Collection[str]) -> None:
+        """Before `start()`: carry the health records of `names` over from the checker this one replaces
+        (the pool was reconfigured and those backends are unchanged), so they keep their state."""
+        for name in names:
+            st = previous._states.get(name)
+            if st is not None and name in self._states:
+                self._states[name] = st
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:

@@ -89,19 +89,98 @@ def _is_version(value: bytes) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- heads
-@dataclass(slots=True)
+# The head fields the parsers (and the proxy, which rewrites hop-by-hop and forwarding headers) look at.
+# They are found with one case-insensitive regex scan over the validated head: no per-field Python loop.
+# Each match is `lname, value without OWS, start of the line, end of the line (after its CRLF)`.
+Special = tuple[bytes, bytes, int, int]
+
+_REQUEST_SPECIAL = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection|host|expect|upgrade|keep-alive|proxy-connection|te"
+    rb"|x-forwarded-for|x-forwarded-proto|x-request-id):([^\r]*)",
+    re.IGNORECASE,
+)
+_RESPONSE_SPECIAL = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te|upgrade|x-request-id)"
+    rb":([^\r]*)",
+    re.IGNORECASE,
+)
+# A valid request line (method token, printable target, HTTP/d.d); anything else takes the slow path,
+# which finds the precise error.
+_REQUEST_LINE = re.compile(rb"(" + _RE_TCHAR + rb"+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r\n")
+_RESPONSE_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3}) ([\t \x21-\x7e\x80-\xff]*)\r\n")
+
+
+def _specials(regex: re.Pattern[bytes], raw: bytes, start: int) -> list[Special]:
+    # `start` is the index of the CRLF that ends the first line: every field line follows a CRLF.
+    return [
+        (m.group(1).lower(), m.group(2).strip(b" \t"), m.start() + 2, m.end() + 2)
+        for m in regex.finditer(raw, start)
+    ]
+
+
 class RequestHead:
-    method: bytes
-    target: bytes
-    version: bytes  # b"HTTP/1.1" or b"HTTP/1.0"
-    headers: list[tuple[bytes, bytes]]  # in order, names in their original case, values without OWS
-    minor: int = 1
-    content_length: int | None = None
-    chunked: bool = False
-    keep_alive: bool = True
-    connection_tokens: frozenset[bytes] = frozenset()  # lower-cased tokens of the Connection header(s)
-    upgrade: bytes | None = None
-    expect_continue: bool = False
+    """A parsed request head. `headers` (name, value) pairs in order, names in their original case and
+    values without OWS, are computed on first use; `raw`, `fields_start` and `special` let the proxy copy
+    the field block unchanged except for the lines it rewrites."""
+
+    __slots__ = (
+        "_headers",
+        "chunked",
+        "connection_tokens",
+        "content_length",
+        "expect_continue",
+        "fields_start",
+        "keep_alive",
+        "line_ok",
+        "method",
+        "minor",
+        "raw",
+        "special",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,  # b"HTTP/1.1" or b"HTTP/1.0"
+        headers: list[tuple[bytes, bytes]] | None = None,
+        minor: int = 1,
+        content_length: int | None = None,
+        chunked: bool = False,
+        keep_alive: bool = True,
+        connection_tokens: frozenset[bytes] = frozenset(),  # lower-cased tokens of the Connection header(s)
+        upgrade: bytes | None = None,
+        expect_continue: bool = False,
+        raw: bytes = b"",
+        fields_start: int = 0,
+        special: list[Special] | None = None,
+        line_ok: bool = False,  # raw[:fields_start] is the request line as it is to be forwarded
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self._headers = headers
+        self.minor = minor
+        self.content_length = content_length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.connection_tokens = connection_tokens
+        self.upgrade = upgrade
+        self.expect_continue = expect_continue
+        self.raw = raw
+        self.fields_start = fields_start
+        self.special = special if special is not None else []
+        self.line_ok = line_ok
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _FIELD.findall(self.raw, self.fields_start, len(self.raw) - 2)
+        return headers
 
     @property
     def has_body(self) -> bool:
@@ -127,18 +206,65 @@ class RequestHead:
         query = target.find(b"?")
         return target if query < 0 else target[:query]
 
+    def __repr__(self) -> str:
+        return f"RequestHead({self.method!r}, {self.target!r}, {self.version!r})"
 
-@dataclass(slots=True)
+
 class ResponseHead:
-    version: bytes
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    content_length: int | None = None
-    chunked: bool = False  # final transfer coding is chunked
-    te_other: bool = False  # Transfer-Encoding present but chunked is not final: read until close
-    keep_alive: bool = True
-    connection_tokens: frozenset[bytes] = field(default_factory=frozenset)
+    """A parsed response head (see RequestHead for `headers`, `raw`, `fields_start` and `special`)."""
+
+    __slots__ = (
+        "_headers",
+        "chunked",
+        "connection_tokens",
+        "content_length",
+        "fields_start",
+        "keep_alive",
+        "raw",
+        "reason",
+        "special",
+        "status",
+        "te_other",
+        "version",
+    )
+
+    def __init__(
+        self,
+        version: bytes,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        content_length: int | None = None,
+        chunked: bool = False,  # final transfer coding is chunked
+        te_other: bool = False,  # Transfer-Encoding present but chunked is not final: read until close
+        keep_alive: bool = True,
+        connection_tokens: frozenset[bytes] = frozenset(),
+        raw: bytes = b"",
+        fields_start: int = 0,
+        special: list[Special] | None = None,
+    ) -> None:
+        self.version = version
+        self.status = status
+        self.reason = reason
+        self._headers = headers
+        self.content_length = content_length
+        self.chunked = chunked
+        self.te_other = te_other
+        self.keep_alive = keep_alive
+        self.connection_tokens = connection_tokens
+        self.raw = raw
+        self.fields_start = fields_start
+        self.special = special if special is not None else []
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _FIELD.findall(self.raw, self.fields_start, len(self.raw) - 2)
+        return headers
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.status}, {self.reason!r})"
 
 
 def find_head_end(

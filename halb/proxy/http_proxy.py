@@ -19,7 +19,7 @@ Retries: a request is resent only (a) to another backend when the connect failed
 failed or closed with no response byte) and the request is idempotent without a body (GET, HEAD, OPTIONS,
 TRACE, PUT, DELETE without body). Nothing is retried after a fresh connection took request bytes.
 
-Errors: no backend -> 503; every connect failed -> 502; backend closed or sent garbage before a response
+Errors: no backend -> 503; every connect failed -> 503 (as HAProxy); backend closed or sent garbage before a response
 head -> 502; no head in time -> 504; backend fails after the head went out -> the client connection is
 aborted (the client sees a truncated response, never a wrong one). Bad requests are answered (400, 408,
 414, 431, 501, 505), counted by reason and the connection closed. The response to a request whose body
@@ -424,8 +424,8 @@ class HttpConnection(Channel):
             if got is None:
                 listener.stats.backend_errors_total += 1
                 return self._fail(
-                    502,
-                    f'no backend of pool "{listener.pool.name}" accepted a connection',
+                    503,  # as HAProxy: connection retries exhausted -> 503 (502 = bad answer from a server)
+                    f'no healthy backend in pool "{listener.pool.name}" accepted a connection',
                     req,
                     rid,
                     framer.done,

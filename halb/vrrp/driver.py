@@ -67,7 +67,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from halb.config_model import VrrpSettings
 from halb.vrrp.codec import (
@@ -75,6 +75,7 @@ from halb.vrrp.codec import (
     REJECT_REASONS,
     VRRP_MULTICAST_GROUP,
     VRRP_TTL,
+    ChecksumMode,
     DecodeError,
     decode,
     encode,
@@ -458,10 +459,9 @@ class VrrpDriver:
         assert machine is not None
         now = self.clock()
         actions = machine.shutdown(now)
-        if any(isinstance(a, StateChanged) for a in actions):
-            self._feed(actions, stopping=True)
-        else:  # FAULT (already resigned): still tell the hook and the listeners we stop
-            self._feed(actions, stopping=True)
+        self._feed(actions, stopping=True)
+        if not any(isinstance(a, StateChanged) for a in actions):
+            # FAULT (already resigned): still tell the hook and the listeners that we stop
             self._enter_label("STOP", "shutdown", now)
         self._cancel_timer()
         with contextlib.suppress(TimeoutError):
@@ -596,8 +596,8 @@ class VrrpDriver:
         self._feed(machine.advert_received(now, received.advert, received.src_ip))
 
     @property
-    def _checksum_mode(self) -> Any:
-        return self.settings.checksum_mode
+    def _checksum_mode(self) -> ChecksumMode:
+        return cast(ChecksumMode, self.settings.checksum_mode)
 
     def _feed(self, actions: Sequence[Action], *, stopping: bool = False, fault: bool = False) -> None:
         """Queue the machine's actions (in order) and re-arm the timer."""

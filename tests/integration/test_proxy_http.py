@@ -495,15 +495,15 @@ def test_connect_failure_is_retried_on_another_backend() -> None:
     run(main)
 
 
-def test_all_connects_failing_gives_502() -> None:
+def test_all_connects_failing_gives_503() -> None:
     async def main() -> None:
         pool = make_pool([closed_port(), closed_port()], retries=5)
         async with proxy(pool) as (_, addr):
             client = await Client.connect(addr)
             resp = await client.get("/")
-            assert resp.status == 502
+            assert resp.status == 503  # as HAProxy once connection retries are exhausted
             assert sum(b.connect_failures_total for b in pool.backends) == 2  # each tried once
-            assert (await client.get("/")).status == 502  # connection kept, nothing sent upstream
+            assert (await client.get("/")).status == 503  # connection kept, nothing sent upstream
             client.close()
 
     run(main)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
 import tomllib
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -140,3 +146,35 @@ def test_config_command_needs_no_lab_and_no_root(monkeypatch: pytest.MonkeyPatch
     result = CliRunner().invoke(lab, ["config", "client"])
     assert result.exit_code == 1
     assert "only balancers" in result.output
+
+
+def test_supervisor_reports_the_service_pid_and_passes_its_status_on(tmp_path: Path) -> None:
+    pid_file = tmp_path / "svc.pid"
+    argv = [sys.executable, "-m", "halb.lab.supervise", "--pid-file", str(pid_file), "--"]
+    done = subprocess.run([*argv, "sh", "-c", "exit 3"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3
+    assert "service pid" in done.stdout and "status 3" in done.stdout
+    pid, starttime = (int(x) for x in pid_file.read_text().split())
+    assert pid > 0 and starttime > 0
+    # a SIGKILLed service: the supervisor survives it (own session) and reports 128 + 9
+    proc = subprocess.Popen([*argv, "sleep", "30"], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or pid_file.read_text().split()[0] == str(pid):
+        assert time.monotonic() < deadline, "no pid file"
+        time.sleep(0.01)
+    os.killpg(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 137 and "signal 9" in out
+
+
+def test_vip_release_without_a_vrrp_section_or_with_a_bad_config(tmp_path: Path) -> None:
+    from halb.cli import main
+
+    spec = build("halb", lbs=1, backends=1).cluster_spec()
+    path = tmp_path / "lb1.toml"
+    path.write_text(node_config(dataclasses.replace(spec, vrrp=False), "lb1"))
+    result = CliRunner().invoke(main, ["vip", "release", str(path)])
+    assert result.exit_code == 0 and "no [vrrp] section" in result.output
+    path.write_text("[node]\n")
+    result = CliRunner().invoke(main, ["vip", "release", str(path)])
+    assert result.exit_code == 2 and "config error" in result.output
