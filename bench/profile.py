@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import (  # noqa: E402 (the sibling script)
+from run import (  # the sibling script
     Processes,
     _tree,
     free_port,
@@ -80,14 +80,32 @@ def main(argv: list[str] | None = None) -> int:
             (tmp / "nginx.conf").write_text(nginx_conf(tmp, backend_port))
             nginx = procs.start(
                 "nginx",
-                ["taskset", "-c", str(args.client_cpu), "nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
+                [
+                    "taskset",
+                    "-c",
+                    str(args.client_cpu),
+                    "nginx",
+                    "-p",
+                    str(tmp),
+                    "-c",
+                    str(tmp / "nginx.conf"),
+                ],
             )
             wait_port(backend_port, nginx)
             http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
             (tmp / "halb.toml").write_text(halb_conf(admin_port, http_port, tcp_port, backend_port))
             halb = procs.start(
                 "halb",
-                ["taskset", "-c", str(args.proxy_cpu), sys.executable, "-m", "halb", "serve", str(tmp / "halb.toml")],
+                [
+                    "taskset",
+                    "-c",
+                    str(args.proxy_cpu),
+                    sys.executable,
+                    "-m",
+                    "halb",
+                    "serve",
+                    str(tmp / "halb.toml"),
+                ],
             )
             wait_port(http_port, halb)
             wait_http(f"http://127.0.0.1:{admin_port}/healthz", halb)

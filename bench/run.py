@@ -271,9 +271,7 @@ def wrk_command(cpu: int, port: int, pattern: str, duration: float, connections:
     return [*cmd, f"http://127.0.0.1:{port}/"]
 
 
-def run_cell(
-    cell: Cell, port: int, pid: int | None, args: argparse.Namespace, verbose: bool = False
-) -> Cell:
+def run_cell(cell: Cell, port: int, pid: int | None, args: argparse.Namespace, verbose: bool = False) -> Cell:
     if args.warmup > 0:
         subprocess.run(
             wrk_command(args.client_cpu, port, cell.pattern, args.warmup, args.connections),
@@ -354,7 +352,7 @@ def started(procs: Processes, name: str, args: list[str], port: int) -> Iterator
 def run(args: argparse.Namespace) -> list[Cell]:
     for tool in ("nginx", "haproxy", "wrk", "taskset"):
         if shutil.which(tool) is None:
-            raise SystemExit(f"bench: {tool} not found (apt-get install -y haproxy wrk nginx-light util-linux)")
+            raise SystemExit(f"bench: {tool} not found (apt-get install haproxy wrk nginx-light)")
     cells: list[Cell] = []
     patterns = ["keep-alive", "new-conn"]
     with tempfile.TemporaryDirectory(prefix="halb-bench-") as tmpdir:
@@ -415,7 +413,8 @@ def table(cells: list[Cell]) -> str:
         return f"{c.cpu_pct:.0f}%" if c is not None and c.cpu_pct is not None else "-"
 
     lines = [
-        "| cell | halb req/s | halb p99 | HAProxy req/s | HAProxy p99 | halb/HAProxy | halb CPU | HAProxy CPU |",
+        "| cell | halb req/s | halb p99 | HAProxy req/s | HAProxy p99 | halb/HAProxy "
+        "| halb CPU | HAProxy CPU |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode in ("http", "tcp"):

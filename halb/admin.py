@@ -133,6 +133,11 @@ class AdminServer:
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
+        if method in MUTATING and self.api is None:
+            return 409, {
+                "error": "this node has no [cluster] table: configuration changes at run time need "
+                "the cluster (Raft)"
+            }
         if method in MUTATING:
             denied = self._authorise(headers.get("authorization"))
             if denied is not None:
@@ -160,11 +165,6 @@ class AdminServer:
                 except ValueError as exc:
                     return 400, {"error": f"the body is not JSON: {exc}"}
         if self.api is None:
-            if method in MUTATING:
-                return 409, {
-                    "error": "this node has no [cluster] table: configuration changes at run time need "
-                    "the cluster (Raft)"
-                }
             return 404, {"error": "no [cluster] table on this node; try /status"}
         try:
             return await self.api.handle(method, path, body)

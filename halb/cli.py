@@ -1,4 +1,4 @@
-"""The `halb` command line: serve, check, status, vip release, demo-backend, lab."""
+"""The `halb` command line: serve, check, status, backends, config, vip release, demo-backend, lab."""
 
 from __future__ import annotations
 
@@ -139,6 +139,168 @@ def release_vips(interface: str, virtual_ips: tuple[str, ...]) -> None:
         click.echo(f"released {', '.join(removed)} from {interface}")
     else:
         click.echo(f"no VIP of {', '.join(virtual_ips)} was on {interface}")
+
+
+# --- the cluster's shared configuration, through any node's admin API --------------------------------
+admin_option = click.option(
+    "--admin",
+    default="127.0.0.1:9901",
+    show_default=True,
+    envvar="HALB_ADMIN",
+    help="HOST:PORT of any cluster node's admin API (env HALB_ADMIN).",
+)
+token_option = click.option(
+    "--token",
+    envvar="HALB_TOKEN",
+    default=None,
+    help="The cluster.token, for changes (env HALB_TOKEN).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+
+
+def _call(admin: str, method: str, path: str, body: dict | None = None, token: str | None = None):  # type: ignore[no-untyped-def,type-arg]
+    from halb.admin_client import AdminError, request
+
+    try:
+        return request(admin, method, path, body, token)
+    except AdminError as exc:
+        click.echo(f"halb: {exc}", err=True)
+        sys.exit(1)
+
+
+def _changed(doc: dict, as_json: bool) -> None:  # type: ignore[type-arg]
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    result = doc.get("result", {})
+    backend = result.get("backend")
+    what = f"backend {backend['name']} ({backend['address']}, weight {backend['weight']}" if backend else ""
+    if backend:
+        what += ", draining)" if backend.get("draining") else ")"
+    click.echo(
+        f"pool {result.get('pool')}: {what or 'changed'}; configuration version {result.get('version')} "
+        f"(committed via {doc.get('node')})"
+    )
+
+
+@main.group()
+def backends() -> None:
+    """Backends of the cluster's shared configuration (needs [cluster]; changes need the token)."""
+
+
+@backends.command("list")
+@admin_option
+@click.option("--pool", default=None, help="Only this pool.")
+@json_option
+def backends_list(admin: str, pool: str | None, as_json: bool) -> None:
+    """List every pool's backends as the cluster has them."""
+    doc = _call(admin, "GET", "/api/config")
+    pools = {k: v for k, v in doc.get("pools", {}).items() if pool is None or k == pool}
+    if pool is not None and not pools:
+        click.echo(f"halb: no pool {pool!r} (pools: {', '.join(sorted(doc.get('pools', {})))})", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(pools, indent=2))
+        return
+    from halb.status_view import render_shared_pools
+
+    render_shared_pools(pools, doc.get("version"))
+
+
+@backends.command("add")
+@click.argument("pool")
+@click.argument("name")
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--weight", type=click.IntRange(0, 256), default=1, show_default=True)
+@click.option("--drain", "draining", is_flag=True, help="Add it draining (no new traffic).")
+@click.option("--agent", default=None, metavar="HOST:PORT", help="custom_load agent address.")
+@admin_option
+@token_option
+@json_option
+def backends_add(
+    pool: str,
+    name: str,
+    address: str,
+    weight: int,
+    draining: bool,
+    agent: str | None,
+    admin: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Add backend NAME at HOST:PORT to POOL (every node applies it within a second)."""
+    body = {"name": name, "address": address, "weight": weight, "draining": draining}
+    if agent:
+        body["agent"] = agent
+    _changed(_call(admin, "POST", f"/api/pools/{pool}/backends", body, token), as_json)
+
+
+@backends.command("remove")
+@click.argument("pool")
+@click.argument("name")
+@admin_option
+@token_option
+@json_option
+def backends_remove(pool: str, name: str, admin: str, token: str | None, as_json: bool) -> None:
+    """Remove backend NAME from POOL (the last one cannot go: drain it instead)."""
+    _changed(_call(admin, "DELETE", f"/api/pools/{pool}/backends/{name}", None, token), as_json)
+
+
+def _set_backend(pool: str, name: str, fields: dict, admin: str, token: str | None, as_json: bool) -> None:  # type: ignore[type-arg]
+    _changed(_call(admin, "PUT", f"/api/pools/{pool}/backends/{name}", fields, token), as_json)
+
+
+@backends.command("drain")
+@click.argument("pool")
+@click.argument("name")
+@admin_option
+@token_option
+@json_option
+def backends_drain(pool: str, name: str, admin: str, token: str | None, as_json: bool) -> None:
+    """Stop sending NEW traffic to NAME (existing connections finish)."""
+    _set_backend(pool, name, {"draining": True}, admin, token, as_json)
+
+
+@backends.command("undrain")
+@click.argument("pool")
+@click.argument("name")
+@admin_option
+@token_option
+@json_option
+def backends_undrain(pool: str, name: str, admin: str, token: str | None, as_json: bool) -> None:
+    """Send traffic to NAME again."""
+    _set_backend(pool, name, {"draining": False}, admin, token, as_json)
+
+
+@backends.command("weight")
+@click.argument("pool")
+@click.argument("name")
+@click.argument("weight", type=click.IntRange(0, 256))
+@admin_option
+@token_option
+@json_option
+def backends_weight(pool: str, name: str, weight: int, admin: str, token: str | None, as_json: bool) -> None:
+    """Set NAME's weight (0..256; 0 takes no new traffic)."""
+    _set_backend(pool, name, {"weight": weight}, admin, token, as_json)
+
+
+@main.group("config")
+def config_group() -> None:
+    """The cluster's shared configuration."""
+
+
+@config_group.command("show")
+@admin_option
+@json_option
+def config_show(admin: str, as_json: bool) -> None:
+    """Print the shared configuration (pools, backends), members and leases as a node has them."""
+    doc = _call(admin, "GET", "/api/config")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    from halb.status_view import render_shared_config
+
+    render_shared_config(doc)
 
 
 from halb.lab.cli import lab  # noqa: E402

@@ -29,6 +29,7 @@ from halb.config_model import (
     ListenerConfig,
     NodeConfig,
     PoolConfig,
+    TlsConfig,
     TrackConfig,
     VrrpSettings,
 )
@@ -163,6 +164,7 @@ def _node(r: Reader) -> NodeConfig:
         admin=r.host_port("admin", "127.0.0.1:9901"),
         workers=r.int("workers", 1, lo=1, hi=64),
         drain_timeout=r.float("drain_timeout", 10.0, lo=0),
+        maxconn=r.int("maxconn", 0, lo=0, hi=10_000_000),
     )
     r.done()
     return node
@@ -180,9 +182,44 @@ def _listener(r: Reader) -> ListenerConfig:
         max_header_bytes=r.int("max_header_bytes", d["max_header_bytes"], lo=1024, hi=1 << 20),
         max_request_line=r.int("max_request_line", d["max_request_line"], lo=256, hi=1 << 20),
         backlog=r.int("backlog", d["backlog"], lo=1, hi=65535),
+        maxconn=r.int("maxconn", 0, lo=0, hi=10_000_000),
+        maxconn_per_ip=r.int("maxconn_per_ip", 0, lo=0, hi=10_000_000),
+        tls=_tls(r.sub("tls")),
     )
     r.done()
     return listener
+
+
+_TLS_VERSIONS = ("1.2", "1.3")
+
+
+def _tls(r: Reader | None) -> TlsConfig | None:
+    """`tls = { cert, key, min_version, ciphers }`: the files are loaded here, so a wrong path, an
+    unreadable file or a key that does not match the certificate stops `halb check` / `halb serve`."""
+    if r is None:
+        return None
+    tls = TlsConfig(
+        cert=r.str("cert"),
+        key=r.str("key"),
+        min_version=r.str("min_version", "1.2", choices=_TLS_VERSIONS),
+        ciphers=r.str("ciphers", ""),
+    )
+    for key in ("cert", "key"):
+        path = getattr(tls, key)
+        if not os.path.isabs(path):
+            r.fail(key, f"must be an absolute path, got {path!r}")
+        if not os.path.isfile(path):
+            r.fail(key, f"{path} does not exist or is not a file")
+        if not os.access(path, os.R_OK):
+            r.fail(key, f"{path} is not readable")
+    from halb.proxy.tls import TlsError, server_context  # (ssl is only imported when TLS is used)
+
+    try:
+        server_context(tls)
+    except TlsError as exc:
+        r.fail(exc.key, exc.problem)
+    r.done()
+    return tls
 
 
 def _expect_status(r: Reader, name: str) -> tuple[int, int]:
@@ -256,6 +293,7 @@ def _backend(r: Reader) -> BackendConfig:
         weight=r.int("weight", 1, lo=0, hi=256),
         agent=agent,
         draining=r.bool("draining", False),
+        maxconn=r.int("maxconn", lo=0, hi=10_000_000) if r.has("maxconn") else None,
     )
     r.done()
     return backend
@@ -293,6 +331,9 @@ def _pool(name: str, r: Reader) -> PoolConfig:
         connect_timeout=r.float("connect_timeout", 2.0, lo=0.001),
         timeout=r.float("timeout", 30.0, lo=0.001),
         hash_key=_hash_key(r),
+        maxconn=r.int("maxconn", 0, lo=0, hi=10_000_000),
+        maxqueue=r.int("maxqueue", 1024, lo=0, hi=10_000_000),
+        queue_timeout=r.float("queue_timeout", lo=0.001) if r.has("queue_timeout") else None,
     )
     r.done()
     return pool

@@ -23,6 +23,19 @@ class NodeConfig:
     admin: HostPort = HostPort("127.0.0.1", 9901)
     workers: int = 1
     drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may take before the node exits
+    # HAProxy's global maxconn: client connections of the whole node (each worker takes its share,
+    # rounded up). 0 = automatic: what the open-file limit allows (each connection needs 2 descriptors).
+    maxconn: int = 0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS termination on a listener: `tls = { cert = "...", key = "..." }`. Reloaded on SIGHUP."""
+
+    cert: str  # PEM certificate chain (leaf first), absolute path
+    key: str  # PEM private key, absolute path
+    min_version: str = "1.2"  # "1.2" | "1.3"
+    ciphers: str = ""  # OpenSSL cipher list for TLS 1.2; "" = modern defaults (ECDHE + AEAD only)
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,9 @@ class ListenerConfig:
     max_header_bytes: int = 32768  # whole request head
     max_request_line: int = 8192
     backlog: int = 1024
+    maxconn: int = 0  # client connections of this listener (HAProxy's frontend maxconn); 0 = no limit
+    maxconn_per_ip: int = 0  # client connections from one source address; 0 = no limit
+    tls: TlsConfig | None = None  # terminate TLS on this listener; backends get plain HTTP/TCP
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,7 @@ class BackendConfig:
     weight: int = 1
     agent: HostPort | None = None  # custom_load agent address; default from the pool's [agent] table
     draining: bool = False
+    maxconn: int | None = None  # concurrent requests (HTTP) / connections (TCP); None = the pool's maxconn
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,16 @@ class PoolConfig:
     timeout: float = 30.0  # backend must send the response head (HTTP) within this
     # ip_hash/consistent_hash key: "client_ip" | "header:NAME" | "cookie:NAME" | "path"
     hash_key: str = "client_ip"
+    # HAProxy's server maxconn / maxqueue / timeout queue: each backend serves at most `maxconn` requests
+    # (HTTP) or connections (TCP) at once (0 = no limit; a backend's own `maxconn` wins); the others wait
+    # in a FIFO queue of at most `maxqueue` for up to `queue_timeout` (None = connect_timeout), then 503.
+    maxconn: int = 0
+    maxqueue: int = 1024
+    queue_timeout: float | None = None
+
+    @property
+    def effective_queue_timeout(self) -> float:
+        return self.connect_timeout if self.queue_timeout is None else self.queue_timeout
 
 
 @dataclass(frozen=True)

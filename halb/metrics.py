@@ -12,6 +12,22 @@ from prometheus_client.registry import Collector
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+# Listener counters kept by label in the status document -> (metric name, label, help).
+LABELLED_LISTENER_COUNTERS = {
+    "responses": ("halb_listener_responses", "code_class", "Responses sent to clients, by status class"),
+    "bad_requests": (
+        "halb_listener_bad_requests",
+        "reason",
+        "Client requests refused as malformed, too large, too slow or smuggling-shaped, by reason",
+    ),
+    "rejected": (
+        "halb_listener_rejected_connections",
+        "limit",
+        "Client connections refused by a connection limit, by limit",
+    ),
+}
+
+
 class StatusCollector(Collector):
     def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
         self._status = status
@@ -102,6 +118,14 @@ class StatusCollector(Collector):
         listener_families: dict[str, Metric] = {}
         for listener in doc["listeners"]:
             for key, value in listener.items():
+                if isinstance(value, dict) and key in LABELLED_LISTENER_COUNTERS:
+                    name, label, help_text = LABELLED_LISTENER_COUNTERS[key]
+                    family = listener_families.setdefault(
+                        key, CounterMetricFamily(name, help_text, labels=["node", "listener", label])
+                    )
+                    for label_value, count in sorted(value.items()):
+                        family.add_metric([node, listener["name"], str(label_value)], count)
+                    continue
                 if key in ("name", "bind", "mode", "pool") or not isinstance(value, int | float):
                     continue
                 if isinstance(value, bool):

@@ -13,6 +13,15 @@ available backend" as the check `pool:<name>`, and a small loop connects to each
 (`listener:<name>`, down after 2 failed connects in a row, up after 2 good ones); while any check fails
 the driver advertises `priority - track.weight`.
 
+Cluster (when the config has a `[cluster]` table, halb.cluster): the Raft member starts right after the
+admin API; the node gives it up to CLUSTER_SYNC_WAIT to catch up, then registers itself and seeds the
+pools the cluster does not know yet from its TOML file. Every committed configuration change is merged
+into this node's pools (`halb.cluster.sync`): weights and drain flags in place, added/removed backends
+or a new algorithm by rebuilding that pool (unchanged backends keep their health) and sending
+`reconfigure` to the workers. `/api/...` on the admin port is the cluster's configuration API. A
+witness (`role = "witness"`) runs only the Raft member and the admin API: no workers, no VRRP. The
+VIP lease keeper (`self.lease`) runs on every member; the VRRP wiring asks it before master actions.
+
 Shutdown (SIGTERM/SIGINT): VRRP stops FIRST (a MASTER sends a priority-0 advert and drops its VIPs, so a
 peer takes over after Skew_Time), then /healthz turns 503 "draining", workers stop accepting and finish
 in-flight requests up to `node.drain_timeout`, and the node exits 0.
@@ -31,11 +40,18 @@ from typing import Any
 
 from halb import __version__
 from halb.admin import AdminServer
-from halb.config_model import AgentConfig, Config
+from halb.cluster.api import ClusterApi
+from halb.cluster.keeper import LeaseKeeper
+from halb.cluster.lease import LeaseTiming
+from halb.cluster.raft import Applied, ClusterError, RaftMember, raft_id
+from halb.cluster.state import seed_command
+from halb.cluster.sync import change_kind, merge_pools
+from halb.config_model import AgentConfig, Config, PoolConfig
 from halb.health.agent import AgentPoller
 from halb.health.checker import HealthChecker
 from halb.health.probes import tcp_probe
 from halb.health.tracker import HealthTracker, Transition
+from halb.pool import Pool
 from halb.pools import backend_states, build_pools
 from halb.vrrp.driver import VrrpDriver
 from halb.vrrp.vip import NetlinkVipPort, VipError, release_stale
@@ -48,6 +64,8 @@ LISTENER_CHECK_INTERVAL = 1.0
 LISTENER_CHECK_TIMEOUT = 1.0
 LISTENER_CHECK_RISE = 2
 LISTENER_CHECK_FALL = 2
+# [cluster]: at start, wait up to this long for the Raft member to catch up before starting the proxy
+CLUSTER_SYNC_WAIT = 3.0
 
 
 class Node:
@@ -61,21 +79,32 @@ class Node:
             name: HealthChecker(pool, rng=rng, on_transition=self._on_backend_transition)
             for name, pool in self.pools.items()
         }
+        self._rng = rng
         self.agents: dict[str, AgentPoller] = {}
         for name, pool in self.pools.items():
-            agent = pool.config.agent
-            if agent is None and pool.config.algorithm == "custom_load":
-                agent = AgentConfig()
-            if agent is not None:
-                self.agents[name] = AgentPoller(pool, agent, rng=rng)
+            poller = self._make_agent(pool)
+            if poller is not None:
+                self.agents[name] = poller
         self.supervisor = WorkerSupervisor(config, self._on_connect_failed, log_level)
-        self.admin = AdminServer(config.node.admin, self)
+        self._init_cluster()
+        self.admin = AdminServer(
+            config.node.admin,
+            self,
+            api=self.cluster_api,
+            token=config.cluster.token if config.cluster is not None else None,
+        )
         self.stop_requested = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self.vrrp: VrrpDriver | None = None
         if config.vrrp is not None:
             self.vrrp = VrrpDriver(config.vrrp, NetlinkVipPort(config.vrrp.interface))
         self._listener_task: asyncio.Task[None] | None = None
+
+    def _make_agent(self, pool: Pool) -> AgentPoller | None:
+        agent = pool.config.agent
+        if agent is None and pool.config.algorithm == "custom_load":
+            agent = AgentConfig()
+        return AgentPoller(pool, agent, rng=self._rng) if agent is not None else None
 
     # --- event routes ------------------------------------------------------------------------------
     def _on_connect_failed(self, pool_name: str, backend_name: str) -> None:
@@ -147,21 +176,29 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
+        # SIGHUP: the workers re-read their TLS certificates; no connection is dropped.
+        loop.add_signal_handler(signal.SIGHUP, self.supervisor.reload_tls)
         try:
             await self.admin.start()
         except OSError as exc:
             log.error("cannot bind the admin API on %s: %s", self.config.node.admin, exc)
             return 1
+        if self.cluster is not None and not await self._start_cluster():
+            await self.admin.close()
+            return 1
         try:
-            await self.supervisor.start()
+            if not self.witness:
+                await self.supervisor.start()
         except WorkerStartError as exc:
             log.error("cannot start the proxy: %s", exc)
+            await self._stop_cluster()
             await self.admin.close()
             return 1
         for checker in self.checkers.values():
             checker.start()
         for agent in self.agents.values():
             agent.start()
+        self._checks_started = True
         self._sync_task = asyncio.create_task(self._sync_loop())
         if self.vrrp is not None and not await self._start_vrrp():
             await self.shutdown()
@@ -171,7 +208,8 @@ class Node:
         log.warning(
             "node %s serving: %s; admin on %s",
             self.config.node.name,
-            ", ".join(f"{lc.name} {lc.mode}://{lc.bind}" for lc in self.config.listeners),
+            ", ".join(f"{lc.name} {lc.mode}://{lc.bind}" for lc in self.config.listeners)
+            or "no listeners (witness)",
             self.config.node.admin,
         )
         await self.stop_requested.wait()
@@ -197,6 +235,7 @@ class Node:
         for agent in self.agents.values():
             await agent.stop()
         await self.admin.close()
+        await self._stop_cluster()
         self.state = "stopped"
         return 0
 
@@ -276,6 +315,158 @@ class Node:
         }
         if self.vrrp is not None:
             doc["vrrp"] = {"instances": [self.vrrp.snapshot()]}
+        if self.cluster is not None:
+            doc["cluster"] = self._cluster_status()
+        return doc
+
+    # --- cluster: Raft member, shared configuration, VIP lease (halb.cluster) ----------------------
+    # Kept apart from the VRRP code above. The lease's wiring into the VRRP driver goes through
+    # `self.lease` (LeaseKeeper): want(), may_act(), add_listener() -- see docs/quorum.md.
+    def _init_cluster(self) -> None:
+        settings = self.config.cluster
+        self.witness = settings is not None and settings.is_witness
+        self.cluster: RaftMember | None = None
+        self.cluster_api: ClusterApi | None = None
+        self.lease: LeaseKeeper | None = None
+        self.toml_pools = dict(self.config.pools)
+        self.shared_version: int | None = None
+        self._checks_started = False
+        self._pending_shared: dict[str, Any] | None = None
+        self._bootstrap_task: asyncio.Task[None] | None = None
+        if settings is None:
+            return
+        self.cluster = RaftMember(settings, self.config.node.name)
+        self.cluster_api = ClusterApi(self.cluster, self.config.node.name)
+        self.lease = LeaseKeeper(
+            self.cluster, self.config.node.name, LeaseTiming.for_duration(settings.lease_duration)
+        )
+        self.cluster.add_listener(self._on_cluster_applied)
+        self.cluster.add_listener(self.lease.on_applied)
+
+    async def _start_cluster(self) -> bool:
+        """Start the Raft member; give it a moment to catch up so the proxy starts with the shared pools."""
+        assert self.cluster is not None and self.lease is not None
+        try:
+            await self.cluster.start()
+        except ClusterError as exc:
+            log.error("cannot start the cluster member: %s", exc)
+            return False
+        deadline = time.monotonic() + CLUSTER_SYNC_WAIT
+        while not self.witness and time.monotonic() < deadline:
+            if self.cluster.status().get("ready"):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # let queued applied-command events land
+        self.lease.start()
+        self._bootstrap_task = asyncio.create_task(self._cluster_bootstrap(), name="halb-cluster-bootstrap")
+        return True
+
+    async def _stop_cluster(self) -> None:
+        if self._bootstrap_task is not None:
+            self._bootstrap_task.cancel()
+        if self.lease is not None:
+            await self.lease.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
+
+    async def _cluster_bootstrap(self) -> None:
+        """Register this member and seed the pools the cluster does not know yet; retried until done."""
+        assert self.cluster is not None and self.config.cluster is not None
+        settings = self.config.cluster
+        member = {
+            "op": "register",
+            "node": self.config.node.name,
+            "address": raft_id(settings.address),
+            "admin": str(self.config.node.admin),
+            "role": settings.role,
+        }
+        while True:
+            state = self.cluster.state()
+            mine = state["members"].get(self.config.node.name)
+            expected = {k: member[k] for k in ("address", "admin", "role")}
+            todo = []
+            if mine != expected:
+                todo.append(member)
+            missing = {n: p for n, p in self.toml_pools.items() if n not in state["pools"]}
+            if missing:
+                todo.append(seed_command(missing))
+            if not todo:
+                return
+            for command in todo:
+                try:
+                    result = await self.cluster.submit(command, timeout=2.0)
+                except ClusterError as exc:
+                    log.info("cluster bootstrap (%s) not committed yet: %s", command["op"], exc)
+                    break
+                if not result.get("ok"):
+                    log.error("cluster rejected %s: %s", command["op"], result.get("error"))
+                    return
+                if command["op"] == "seed" and result.get("added"):
+                    log.warning("seeded the cluster configuration with pools %s", ", ".join(result["added"]))
+            await asyncio.sleep(0.5)
+
+    def _on_cluster_applied(self, event: Applied) -> None:
+        """Every applied command (on the loop): coalesce configuration changes into one apply."""
+        if event.config is None:
+            return
+        first = self._pending_shared is None
+        self._pending_shared = event.config
+        if first:
+            asyncio.get_running_loop().call_soon(self._apply_shared_config)
+
+    def _apply_shared_config(self) -> None:
+        view, self._pending_shared = self._pending_shared, None
+        if view is None:
+            return
+        if self.witness:  # no pools to run; keep the version for status
+            self.shared_version = view["version"]
+            return
+        merged = merge_pools(self.toml_pools, view["pools"])
+        changed: dict[str, PoolConfig] = {}
+        for name, new in merged.items():
+            pool = self.pools[name]
+            kind = change_kind(pool.config, new)
+            if kind == "none":
+                continue
+            changed[name] = new
+            if kind == "state":
+                pool.reconfigure(new)
+            else:
+                self._rebuild_pool(name, new)
+        self.shared_version = view["version"]
+        if changed:
+            self.supervisor.reconfigure(changed)
+            self._track_pools()
+            log.warning(
+                "applied cluster configuration version %d: pools %s", view["version"], ", ".join(changed)
+            )
+
+    def _rebuild_pool(self, name: str, new: PoolConfig) -> None:
+        """Backends added/removed/moved, or a new algorithm: new checker/agent; unchanged backends keep
+        their health state."""
+        pool = self.pools[name]
+        kept = pool.reconfigure(new)
+        old_checker = self.checkers[name]
+        checker = HealthChecker(pool, rng=self._rng, on_transition=self._on_backend_transition)
+        checker.adopt(old_checker, kept)
+        self.checkers[name] = checker
+        old_agent = self.agents.pop(name, None)
+        agent = self._make_agent(pool)
+        if agent is not None:
+            self.agents[name] = agent
+        if self._checks_started:
+            asyncio.get_running_loop().create_task(old_checker.stop())
+            if old_agent is not None:
+                asyncio.get_running_loop().create_task(old_agent.stop())
+            checker.start()
+            if agent is not None:
+                agent.start()
+
+    def _cluster_status(self) -> dict[str, Any]:
+        assert self.cluster is not None and self.lease is not None
+        doc = self.cluster.status()
+        doc["config_version"] = self.shared_version
+        doc["lease"] = self.lease.status()
         return doc
 
 

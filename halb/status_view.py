@@ -1,4 +1,7 @@
-"""`halb status`: fetch each node's /status and render it as rich tables, side by side."""
+"""`halb status`: fetch each node's /status and render it as rich tables, side by side.
+
+Also the renderers of `halb config show` and `halb backends list` (the cluster's shared configuration).
+"""
 
 from __future__ import annotations
 
@@ -52,8 +55,12 @@ def render_node(doc: dict[str, Any]) -> Panel:
         f"{node['uptime_seconds']:.0f}s",
     )
     parts.append(summary)
+    if doc.get("cluster"):
+        parts.extend(render_cluster(doc["cluster"]))
     if doc.get("vrrp"):
         parts.append(render_vrrp(doc["vrrp"]))
+    if not doc["listeners"] and not doc["pools"]:  # a witness: Raft only
+        return Panel(Group(*parts), title=f"[b]{node['name']}[/b] {doc['admin']}", border_style=state_style)
     listeners = Table(title="listeners", title_justify="left", expand=False, box=None, pad_edge=False)
     for col in ("name", "bind", "mode", "pool", "requests", "active"):
         listeners.add_column(col)
@@ -148,6 +155,111 @@ def render_vrrp(vrrp: dict[str, Any]) -> Table:
             bad or "-",
         )
     return table
+
+
+def _fmt_lease(lease: dict[str, Any]) -> Text:
+    holder = lease.get("holder")
+    if not holder:
+        return Text("nobody holds it", style="yellow")
+    if lease.get("held_here"):
+        left = lease.get("remaining_seconds")
+        style = "bold green" if lease.get("may_act") else "yellow"
+        note = "" if lease.get("may_act") else " (unconfirmed after a pause: renewing)"
+        return Text(f"held here ({holder}), {left:.2f}s left{note}", style=style)
+    left = lease.get("expires_for_others_in")
+    when = f", takeover possible in {left:.2f}s if not renewed" if isinstance(left, int | float) else ""
+    return Text(f"{holder} (seq {lease.get('seq')}){when}", style="cyan")
+
+
+def render_cluster(cluster: dict[str, Any]) -> list[Any]:
+    """The Raft member: leader, term, quorum, members' reachability, the VIP lease."""
+    if not cluster.get("running", True) or cluster.get("starting"):
+        return [Text("cluster: starting", style="yellow")]
+    parts: list[Any] = []
+    quorum = cluster.get("quorum")
+    votes = cluster.get("votes", {})
+    leader = cluster.get("leader") or "none"
+    if cluster.get("leader_name"):
+        leader = f"{cluster['leader_name']} ({leader})"
+    line = Text.assemble(
+        ("raft ", "dim"),
+        (str(cluster.get("state")), "bold"),
+        ("  leader ", "dim"),
+        (leader, "green" if cluster.get("leader_fresh") else "yellow"),
+        ("  term ", "dim"),
+        str(cluster.get("term")),
+        ("  commit ", "dim"),
+        str(cluster.get("commit_index")),
+        ("  quorum ", "dim"),
+        (
+            f"{'yes' if quorum else 'NO'} ({votes.get('reachable')}/{votes.get('total')}, "
+            f"need {votes.get('needed')})",
+            "green" if quorum else "bold red",
+        ),
+    )
+    if cluster.get("config_version") is not None:
+        line.append_text(Text.assemble(("  config v", "dim"), str(cluster["config_version"])))
+    parts.append(line)
+    if cluster.get("auth_error"):
+        parts.append(Text(str(cluster["auth_error"]), style="bold red"))
+    elif cluster.get("auth_warning"):
+        parts.append(Text(str(cluster["auth_warning"]), style="yellow"))
+    lease = cluster.get("lease")
+    if lease:
+        parts.append(Text.assemble(("vip lease ", "dim"), _fmt_lease(lease)))
+    members = Table(title="raft members", title_justify="left", box=None, pad_edge=False)
+    for col in ("member", "address", "reachable", "last heard", "auth failures"):
+        members.add_column(col)
+    for m in cluster.get("members", []):
+        ago = m.get("last_heard_seconds_ago")
+        members.add_row(
+            str(m.get("name") or "?"),
+            str(m.get("address")),
+            Text("yes", style="green") if m.get("reachable") else Text("NO", style="bold red"),
+            f"{ago:.2f}s ago" if isinstance(ago, int | float) else "never",
+            str(m.get("auth_failures", 0)),
+        )
+    parts.append(members)
+    return parts
+
+
+def render_shared_pools(pools: dict[str, Any], version: Any = None, console: Console | None = None) -> None:
+    """`halb backends list`: one table per pool of the shared configuration."""
+    console = console or Console()
+    for name, pool in sorted(pools.items()):
+        table = Table(title=f"pool {name} ({pool.get('algorithm')}), config v{version}", title_justify="left")
+        for col in ("backend", "address", "weight", "state", "agent"):
+            table.add_column(col)
+        for b in pool.get("backends", []):
+            table.add_row(
+                str(b.get("name")),
+                str(b.get("address")),
+                str(b.get("weight")),
+                Text("DRAIN", style="yellow") if b.get("draining") else Text("active", style="green"),
+                str(b.get("agent") or "-"),
+            )
+        console.print(table)
+
+
+def render_shared_config(doc: dict[str, Any], console: Console | None = None) -> None:
+    """`halb config show`: pools, members and leases as one node has them."""
+    console = console or Console()
+    console.print(Text.assemble(("cluster configuration as seen by ", "dim"), str(doc.get("node"))))
+    render_shared_pools(doc.get("pools", {}), doc.get("version"), console)
+    members = Table(title="members", title_justify="left")
+    for col in ("name", "raft address", "admin", "role"):
+        members.add_column(col)
+    for name, m in sorted(doc.get("members", {}).items()):
+        members.add_row(name, str(m.get("address")), str(m.get("admin") or "-"), str(m.get("role")))
+    console.print(members)
+    for name, lease in sorted(doc.get("leases", {}).items()):
+        console.print(
+            Text.assemble(
+                (f"lease {name}: ", "dim"),
+                str(lease.get("holder") or "nobody"),
+                (f"  seq {lease.get('seq')}  duration {lease.get('duration')}s", "dim"),
+            )
+        )
 
 
 def render(docs: list[dict[str, Any]], console: Console | None = None) -> None:

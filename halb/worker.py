@@ -52,7 +52,9 @@ class Worker:
         self.pools = build_pools(config)
         for pool in self.pools.values():
             pool.on_connect_failure = self._make_failure_reporter(pool.name)
-        self.server = ProxyServer(list(config.listeners), self.pools)
+        self.server = ProxyServer(
+            list(config.listeners), self.pools, maxconn=config.node.maxconn, workers=config.node.workers
+        )
         self.draining = asyncio.Event()
 
     def _make_failure_reporter(self, pool_name: str):  # type: ignore[no-untyped-def]
@@ -68,8 +70,18 @@ class Worker:
             "pid": os.getpid(),
             "backends": backend_counters(self.pools, time.monotonic()),
             "pools": {name: {"no_backend_total": p.no_backend_total} for name, p in self.pools.items()},
-            "listeners": self.server.stats(),
+            "listeners": self.server.stats()["listeners"],
         }
+
+    def reload_tls(self) -> None:
+        """SIGHUP (relayed by the control process): new TLS certificates for new connections."""
+        for name, ok in self.server.reload_tls().items():
+            log.warning(
+                "worker %d: listener %s: TLS certificate %s",
+                self.index,
+                name,
+                "reloaded" if ok else "reload FAILED (previous one kept)",
+            )
 
     async def report_stats(self) -> None:
         while True:
@@ -85,6 +97,8 @@ class Worker:
                 pool = self.pools.get(name)
                 if pool is not None:
                     pool.reconfigure(pool_config)
+        elif kind == "reload_tls":
+            self.reload_tls()
         elif kind == "drain":
             self.draining.set()
         else:
@@ -107,6 +121,7 @@ async def _serve(fd: int, index: int) -> int:
     ipc.send(writer, {"type": "ready", "index": index, "pid": os.getpid()})
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.draining.set)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)
 
     async def control_loop() -> None:
         try:
@@ -141,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s worker[{args.index}] %(levelname)s %(name)s: %(message)s",
     )
     _die_with_parent()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP before the loop's handler must not kill us
     if os.environ.get("HALB_UVLOOP", "1") != "0":
         try:
             import uvloop

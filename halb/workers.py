@@ -54,7 +54,7 @@ class WorkerSupervisor:
         self.log_level = log_level
         self.workers: dict[int, WorkerHandle] = {}
         self.retired: dict[tuple[str, str], dict[str, float]] = {}
-        self.retired_listeners: dict[str, dict[str, float]] = {}
+        self.retired_listeners: dict[str, dict[str, Any]] = {}
         self.stopping = False
         self.restarts_total = 0
         self._last_states: dict[tuple[str, str], tuple[Any, ...]] = {}
@@ -147,6 +147,8 @@ class WorkerSupervisor:
             for key, value in counters.items():
                 if isinstance(value, int | float) and key.endswith("_total"):
                     slot[key] = slot.get(key, 0) + value
+                elif isinstance(value, dict):  # counters by label (responses, bad_requests, rejected)
+                    _add_counts(slot.setdefault(key, {}), value)
         handle.stats = {}
 
     def reconfigure(self, pools: dict[str, PoolConfig]) -> None:
@@ -158,6 +160,11 @@ class WorkerSupervisor:
         for handle in self.workers.values():
             ipc.send(handle.writer, {"type": "reconfigure", "pools": pools})
         self._last_states = {}
+
+    def reload_tls(self) -> None:
+        """SIGHUP: every worker re-reads its listeners' TLS certificates (connections stay up)."""
+        for handle in self.workers.values():
+            ipc.send(handle.writer, {"type": "reload_tls"})
 
     def push_states(self, states: dict[tuple[str, str], tuple[Any, ...]]) -> None:
         """Send backend state to every worker when it changed since the last push."""
@@ -196,14 +203,19 @@ class WorkerSupervisor:
                     ewma_weight[key] = previous + weight
         return totals
 
-    def listener_totals(self) -> dict[str, dict[str, float]]:
-        totals: dict[str, dict[str, float]] = {k: dict(v) for k, v in self.retired_listeners.items()}
+    def listener_totals(self) -> dict[str, dict[str, Any]]:
+        totals: dict[str, dict[str, Any]] = {
+            name: {k: dict(v) if isinstance(v, dict) else v for k, v in counters.items()}
+            for name, counters in self.retired_listeners.items()
+        }
         for handle in self.workers.values():
             for name, counters in handle.stats.get("listeners", {}).items():
                 slot = totals.setdefault(name, {})
                 for key, value in counters.items():
                     if isinstance(value, int | float) and not isinstance(value, bool):
                         slot[key] = slot.get(key, 0) + value
+                    elif isinstance(value, dict):  # counters by label (responses, bad_requests, rejected)
+                        _add_counts(slot.setdefault(key, {}), value)
         return totals
 
     def no_backend_totals(self) -> dict[str, int]:
@@ -247,3 +259,9 @@ class WorkerSupervisor:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(handle.task, timeout=2)
             handle.writer.close()
+
+
+def _add_counts(into: dict[str, Any], counts: dict[str, Any]) -> None:
+    for label, n in counts.items():
+        if isinstance(n, int | float) and not isinstance(n, bool):
+            into[label] = into.get(label, 0) + n

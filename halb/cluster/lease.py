@@ -278,6 +278,7 @@ class LeaseHolder:
             if act_until <= now:
                 return actions  # answered too late to be of use
             was_holding = self._holding(now)
+            self._next_attempt = -math.inf  # the next renewal is due by the schedule, not by a retry
             if self._act_until is None or act_until > self._act_until:
                 self._act_until = act_until
             if self._unconfirmed_since is not None and request.sent_at >= self._unconfirmed_since:

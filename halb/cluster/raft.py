@@ -43,11 +43,13 @@ member's reachability. `status()` returns the snapshot with its age.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import fcntl
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +62,11 @@ from pysyncobj.transport import TCPTransport
 from halb.cluster.state import ClusterState
 from halb.config_model import ClusterSettings, HostPort
 from halb.errors import HalbError
+
+# pysyncobj 0.3.17 (pysyncobj/win_inet_pton.py, imported by its tcp_connection) replaces socket.inet_ntop with
+# a Windows-only stub on EVERY platform; pyroute2 then returns raw attribute bytes instead of addresses
+# (the VRRP driver could not find its own address). Put the real one back.
+socket.inet_ntop = _socket.inet_ntop
 
 log = logging.getLogger("halb.cluster")
 PING = "halb_ping"
@@ -443,6 +450,14 @@ class RaftMember:
                 "cannot authenticate with peers: check [cluster].secret (their Raft ports answer, "
                 "but the encrypted handshake fails)"
             )
+        auth_warning = None
+        if auth_error is None and last_failure is not None and now - last_failure <= AUTH_WINDOW:
+            failing = [m["address"] for m in members if m["auth_failures"] and not m["reachable"]]
+            auth_warning = (
+                "encrypted handshakes are failing "
+                + (f"with {', '.join(failing)}" if failing else "from a peer that connects to us")
+                + ": a member with a different [cluster].secret?"
+            )
         if auth_error and not self._auth_logged:
             log.error("raft: %s", auth_error)
         self._auth_logged = auth_error is not None
@@ -462,6 +477,7 @@ class RaftMember:
             "members": members,
             "auth_failures": sum(failures.values()),
             "auth_error": auth_error,
+            "auth_warning": auth_warning,
         }
 
     # --- from pysyncobj's thread ------------------------------------------------------------------

@@ -11,6 +11,7 @@ one-line message and exit status 1. Everything but `config` needs root.
     halb lab partition lb1 --from client web1             cut traffic at the switch (no --from: from all)
     halb lab heal                                         remove every partition
     halb lab exec client -- curl -s http://10.99.0.11/    run a command inside a host's namespace
+    halb lab failover --rounds 10 [--rate 20] [--json]    SIGKILL the VIP holder under traffic, time it
     halb lab config lb1 [--subnet S --vrrp-interface I]   print a balancer's generated config
     halb lab down                                         remove everything (works after a crash too)
 """
@@ -63,7 +64,7 @@ def lab() -> None:
 @prefix_option
 @click.option("--lbs", default=2, show_default=True, help="Number of balancer nodes (lb1..).")
 @click.option("--backends", default=2, show_default=True, help="Number of web backends (web1..).")
-@click.option("--witness", is_flag=True, help="Add a `witness` host (a third Raft vote, later).")
+@click.option("--witness", is_flag=True, help="Add a `witness` host: a Raft vote, no proxy, no VIP.")
 @click.option(
     "--vrrp/--no-vrrp", default=True, show_default=True, help="Run VRRP: the balancers share the VIP."
 )
@@ -133,6 +134,7 @@ def status(prefix: str, as_json: bool) -> None:
     holders = ", ".join(doc["vip_holders"]) or "nobody"
     click.echo(f"lab {doc['prefix']} (since {doc['created']}): subnet {doc['subnet']}")
     click.echo(f"VIP {', '.join(doc['vips'])}: held by {holders}")
+    _warn_holders(doc)
     for p in doc["partitions"]:
         click.echo(f"partition: {' '.join(p['a'])} | {' '.join(p['b'])}")
     click.echo(f"  {'HOST':<8} {'ROLE':<8} {'NAMESPACE':<16} {'ADDRESS':<15} {'PID':>7}  {'STATE':<8} VIP")
@@ -142,6 +144,42 @@ def status(prefix: str, as_json: bool) -> None:
         vip = "yes" if h["holds_vip"] else ""
         line = f"  {h['name']:<8} {h['role']:<8} {ns:<16} {h['address']:<15} {pid:>7}  {h['state']:<8} {vip}"
         click.echo(line.rstrip())
+
+
+def _warn_holders(doc: dict[str, Any]) -> None:
+    """Two holders happen for real (a frozen master keeps its VIP until thawed; a partition): say why."""
+    if len(doc["vip_holders"]) < 2:
+        return
+    frozen = [h["name"] for h in doc["hosts"] if h["holds_vip"] and h["state"] == "frozen"]
+    why = f"{', '.join(frozen)} frozen: thaw it" if frozen else "partitioned balancers? try `halb lab heal`"
+    click.echo(f"warning: {len(doc['vip_holders'])} balancers hold the VIP ({why})")
+
+
+@lab.command()
+@prefix_option
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1), help="Kills to make.")
+@click.option("--rate", default=20.0, show_default=True, type=click.FloatRange(1, 1000), help="Requests/s.")
+@click.option("--connect-timeout", default=0.25, show_default=True, help="Per request, seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (progress goes to stderr).")
+@lab_errors
+def failover(prefix: str, rounds: int, rate: float, connect_timeout: float, as_json: bool) -> None:
+    """SIGKILL the VIP holder ROUNDS times under client traffic; time each takeover.
+
+    Each round: kill the holder, time the first good answer through the VIP and count the failed
+    requests, start the node again and wait until it is master again (it preempts).
+    """
+    from halb.lab import failover as runner
+
+    def progress(line: str) -> None:
+        click.echo(line, err=as_json)
+
+    report = runner.run(prefix, rounds, rate, connect_timeout, echo=progress)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(runner.render(report))
 
 
 def _node_command(name: str, help_text: str, action: Callable[[str, str], str]) -> None:

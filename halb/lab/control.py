@@ -2,7 +2,8 @@
 
 How this works: `up` builds the topology, saves the state file, then creates, in this order: node configs,
 namespaces (switch first), the bridge, one cable per host, the balancers' sysctls, and the services (web
-backends, redis, `halb serve` per balancer under its VIP-releasing supervisor, all started at once), then
+backends, redis, `halb serve` per balancer under its VIP-releasing supervisor, `halb serve` on the
+witness -- a Raft vote only -- all started at once), then
 waits until every service answers from inside its own namespace and, with VRRP (the default), until
 exactly one balancer holds the VIP. Any failure on the way tears the half-built lab down again and
 re-raises, so `up` either returns a working lab or leaves nothing.
@@ -27,7 +28,7 @@ from typing import Any
 from halb.cluster_config import ClusterSpec, node_config
 from halb.lab import netns, partition, processes
 from halb.lab.netns import LabError
-from halb.lab.state import LabState, load, remove_run_dir
+from halb.lab.state import LabState, load, remove_run_dir, run_dir
 from halb.lab.topology import (
     ADMIN_PORT,
     BACKEND_PORT,
@@ -106,20 +107,27 @@ def up(
     return st
 
 
-def lab_spec(topo: Topology, vrrp: bool, advert_interval: float = 1.0) -> ClusterSpec:
-    """The cluster spec the lab runs: the topology's, with a short drain so `stop` and `down` are quick."""
+def lab_spec(
+    topo: Topology, vrrp: bool, advert_interval: float = 1.0, data_dir: str | None = None
+) -> ClusterSpec:
+    """The cluster spec the lab runs: the topology's, with a short drain so `stop` and `down` are quick,
+    and the Raft data of every node in the lab's run directory (gone with `down`) unless `data_dir`."""
     return dataclasses.replace(
-        topo.cluster_spec(), vrrp=vrrp, drain_timeout=1.0, advert_interval=advert_interval
+        topo.cluster_spec(),
+        vrrp=vrrp,
+        drain_timeout=1.0,
+        advert_interval=advert_interval,
+        data_dir=data_dir if data_dir is not None else str(run_dir(topo.prefix) / "raft"),
     )
 
 
 def _build(st: LabState, vrrp: bool, echo: Echo, advert_interval: float = 1.0) -> None:
     topo = st.topology
     spec = lab_spec(topo, vrrp, advert_interval)
-    for lb in topo.by_role("lb"):
-        path = st.config_path(lb.name)
-        st.configs[lb.name] = str(path)
-        path.write_text(node_config(spec, lb.name))
+    for host in [*topo.by_role("lb"), *topo.by_role("witness")]:
+        path = st.config_path(host.name)
+        st.configs[host.name] = str(path)
+        path.write_text(node_config(spec, host.name))
     started = time.monotonic()
     for ns in topo.namespaces:
         st.namespaces.append(ns)
@@ -139,7 +147,7 @@ def _build(st: LabState, vrrp: bool, echo: Echo, advert_interval: float = 1.0) -
 
 def _ready(host: Host) -> bool:
     try:
-        if host.role == "lb":
+        if host.role in ("lb", "witness"):
             return netns.http_get(host.address, ADMIN_PORT, "/healthz", 0.5)[0] == 200
         if host.role == "web":
             return netns.http_get(host.address, BACKEND_PORT, "/healthz", 0.5)[0] == 200
@@ -358,9 +366,11 @@ def config_text(
     subnet: str = DEFAULT_SUBNET,
     vrrp_interface: str | None = None,
 ) -> str:
-    """A balancer's config: the running lab's file if there is one, else generated from the options.
+    """A balancer's (or the witness's) config: the running lab's file if there is one, else generated
+    from the options.
 
-    `subnet` and `vrrp_interface` serve hosts outside the lab (Vagrant: 192.168.56.0/24 on eth1).
+    `subnet` and `vrrp_interface` serve hosts outside the lab (Vagrant: 192.168.56.0/24 on eth1); a
+    config generated without a running lab keeps its Raft data in the spec's default, /var/lib/halb.
     """
     st = load(check_prefix(prefix))
     if st is not None and node in st.configs:
@@ -368,9 +378,9 @@ def config_text(
             return f.read()
     topo = st.topology if st is not None else build(prefix, lbs, backends, witness, subnet)
     host = topo.host(node)
-    if host.role != "lb":
-        raise LabError(f"{node} is a {host.role}; only balancers (lb1..) have a halb config")
-    spec = lab_spec(topo, vrrp)
+    if host.role not in ("lb", "witness"):
+        raise LabError(f"{node} is a {host.role}; only balancers (lb1..) and the witness have a halb config")
+    spec = lab_spec(topo, vrrp, data_dir=ClusterSpec.data_dir)
     if vrrp_interface is not None:
         spec = dataclasses.replace(spec, vrrp_interface=vrrp_interface)
     return node_config(spec, node)

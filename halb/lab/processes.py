@@ -38,8 +38,8 @@ RELEASE_TIMEOUT = 10.0  # how long a supervisor may take to release the VIPs aft
 
 
 def service_argv(host: Host, config_path: Path | None) -> list[str] | None:
-    """The command that runs `host`'s service, or None for hosts without one (client, witness)."""
-    if host.role == "lb":
+    """The command that runs `host`'s service, or None for hosts without one (the client)."""
+    if host.role in ("lb", "witness"):
         if config_path is None:
             raise LabError(f"{host.name} has no node config")
         return [sys.executable, "-m", "halb", "serve", str(config_path), "--log-level", "INFO"]

@@ -26,7 +26,6 @@ nothing after it). CONNECT is not supported (501).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import NoReturn
 
 from halb.errors import ProtocolError
@@ -107,7 +106,7 @@ _RESPONSE_SPECIAL = re.compile(
 # A valid request line (method token, printable target, HTTP/d.d); anything else takes the slow path,
 # which finds the precise error.
 _REQUEST_LINE = re.compile(rb"(" + _RE_TCHAR + rb"+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r\n")
-_RESPONSE_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3}) ([\t \x21-\x7e\x80-\xff]*)\r\n")
+_RESPONSE_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?\r\n")
 
 
 def _specials(regex: re.Pattern[bytes], raw: bytes, start: int) -> list[Special]:
@@ -365,7 +364,97 @@ def parse_request_head(
     """Parse a complete request head (request line, fields, empty line). Raises ProtocolError."""
     if len(data) > max_header_bytes:
         raise _bad("request head too large", "head_too_large", 431)
-    line, block, headers = _split_head(bytes(data), 400)
+    raw = bytes(data)
+    # Fast path: three C-speed regex passes validate the line and every field (no bare CR/LF, no
+    # obs-fold, token names, clean values); anything they reject is explained by the slow path.
+    m = _REQUEST_LINE.match(raw)
+    if (
+        m is None
+        or not raw.endswith(b"\r\n\r\n")
+        or _FIELDS_BLOCK.fullmatch(raw, m.end(), len(raw) - 2) is None
+    ):
+        _explain_request(raw, max_request_line)
+    fields_start = m.end()
+    if fields_start - 2 > max_request_line:
+        raise _bad("request line too long", "line_too_long", 414)
+    method, target, version = m.groups()
+    line_ok = True
+    if version == b"HTTP/1.1":
+        minor = 1
+    elif version == b"HTTP/1.0":
+        minor = 0
+    else:
+        if version[5] != 0x31:  # "1"
+            raise _bad("HTTP version not supported", "bad_version", 505)
+        minor, version, line_ok = 1, b"HTTP/1.1", False
+    if method == b"CONNECT":
+        raise _bad("CONNECT is not supported", "method", 501)
+    if target[0] != 0x2F:  # "/"
+        lower = target[:8].lower()
+        if not (lower.startswith(b"http://") or lower.startswith(b"https://")) and not (
+            target == b"*" and method == b"OPTIONS"
+        ):
+            raise _bad("invalid request target form", "bad_request_line")
+
+    special = _specials(_REQUEST_SPECIAL, raw, fields_start - 2)
+    content_length: int | None = None
+    te_count = 0
+    hosts = 0
+    connection: frozenset[bytes] = frozenset()
+    upgrade: bytes | None = None
+    expect_continue = False
+    for lname, value, line_start, _ in special:
+        if lname == _HOST:
+            hosts += 1
+        elif lname == _CONTENT_LENGTH:
+            content_length = _content_length(value, content_length, 400)
+        elif lname == _TRANSFER_ENCODING:
+            te_count += 1
+            # Exactly "chunked" (any case), at most one SP after the colon: nothing else is accepted.
+            rawvalue = raw[line_start + 18 : raw.index(b"\r", line_start)]
+            if rawvalue.lower() not in (b"chunked", b" chunked"):
+                raise _bad("unsupported or obfuscated Transfer-Encoding", "smuggling")
+        elif lname == _CONNECTION:
+            connection = connection.union(_tokens(value))
+        elif lname == _EXPECT:
+            expect_continue = value.lower() == b"100-continue"
+        elif lname == _UPGRADE:
+            upgrade = value
+    if te_count:
+        if te_count > 1:
+            raise _bad("several Transfer-Encoding headers", "smuggling")
+        if content_length is not None:
+            raise _bad("both Content-Length and Transfer-Encoding", "smuggling")
+        if minor == 0:
+            raise _bad("Transfer-Encoding in an HTTP/1.0 request", "smuggling")
+    if hosts != 1 and (hosts > 1 or minor == 1):
+        raise _bad("an HTTP/1.1 request needs exactly one Host header", "bad_host")
+    if minor == 1:
+        keep_alive = b"close" not in connection
+    else:
+        keep_alive = b"keep-alive" in connection and b"close" not in connection
+    return RequestHead(
+        method,
+        target,
+        version,
+        None,
+        minor,
+        content_length,
+        te_count == 1,
+        keep_alive,
+        connection,
+        upgrade,
+        expect_continue,
+        raw,
+        fields_start,
+        special,
+        line_ok,
+    )
+
+
+def _explain_request(raw: bytes, max_request_line: int) -> NoReturn:
+    """The fast path rejected this head: raise the precise error (slow path)."""
+    line, _block, _headers = _split_head(raw, 400)
     if len(line) > max_request_line:
         raise _bad("request line too long", "line_too_long", 414)
     parts = line.split(b" ")
@@ -376,100 +465,36 @@ def parse_request_head(
         raise _bad("invalid method", "bad_request_line")
     if not target or target.translate(None, _TARGET_OK):
         raise _bad("invalid request target", "bad_request_line")
-    if version == b"HTTP/1.1":
-        minor = 1
-    elif version == b"HTTP/1.0":
-        minor = 0
-    elif _is_version(version):
-        if version[5] != 0x31:  # "1"
-            raise _bad("HTTP version not supported", "bad_version", 505)
-        minor, version = 1, b"HTTP/1.1"
-    else:
+    if not _is_version(version):
         raise _bad("invalid HTTP version", "bad_request_line")
-    if method == b"CONNECT":
-        raise _bad("CONNECT is not supported", "method", 501)
-    if target[0] != 0x2F:  # "/"
-        lower = target[:8].lower()
-        if not (lower.startswith(b"http://") or lower.startswith(b"https://")) and not (
-            target == b"*" and method == b"OPTIONS"
-        ):
-            raise _bad("invalid request target form", "bad_request_line")
-
-    content_length: int | None = None
-    te_count = 0
-    hosts = 0
-    connection: set[bytes] = set()
-    upgrade: bytes | None = None
-    expect_continue = False
-    for name, value in headers:
-        lname = name.lower()
-        if lname not in _SPECIAL:
-            continue
-        if lname == _CONTENT_LENGTH:
-            content_length = _content_length(value, content_length, 400)
-        elif lname == _TRANSFER_ENCODING:
-            te_count += 1
-        elif lname == _CONNECTION:
-            connection.update(_tokens(value))
-        elif lname == _HOST:
-            hosts += 1
-        elif lname == _EXPECT:
-            expect_continue = value.lower() == b"100-continue"
-        elif lname == _UPGRADE:
-            upgrade = value
-    if te_count:
-        if te_count > 1:
-            raise _bad("several Transfer-Encoding headers", "smuggling")
-        for raw in _TE_RAW.findall(block):
-            if raw.lower() not in (b"chunked", b" chunked"):
-                raise _bad("unsupported or obfuscated Transfer-Encoding", "smuggling")
-        if content_length is not None:
-            raise _bad("both Content-Length and Transfer-Encoding", "smuggling")
-        if minor == 0:
-            raise _bad("Transfer-Encoding in an HTTP/1.0 request", "smuggling")
-    if hosts > 1 or (hosts == 0 and minor == 1):
-        raise _bad("an HTTP/1.1 request needs exactly one Host header", "bad_host")
-    if minor == 1:
-        keep_alive = b"close" not in connection
-    else:
-        keep_alive = b"keep-alive" in connection and b"close" not in connection
-    return RequestHead(
-        method=method,
-        target=target,
-        version=version,
-        headers=headers,
-        minor=minor,
-        content_length=content_length,
-        chunked=te_count == 1,
-        keep_alive=keep_alive,
-        connection_tokens=frozenset(connection),
-        upgrade=upgrade,
-        expect_continue=expect_continue,
-    )
+    raise _bad("malformed request head", "bad_request")  # pragma: no cover - defensive
 
 
 def parse_response_head(data: bytes | bytearray) -> ResponseHead:
     """Parse a complete response head from a backend. Raises ProtocolError with status 502."""
     if len(data) > MAX_RESPONSE_HEAD:
         raise _bad("response head too large", "bad_response", 502)
-    line, _block, headers = _split_head(bytes(data), 502)
-    version, _, rest = line.partition(b" ")
-    if version == b"HTTP/1.1":
-        minor = 1
-    elif version == b"HTTP/1.0":
-        minor = 0
-    else:
-        raise _bad("invalid response version", "bad_response", 502)
-    code, _, reason = rest.partition(b" ")
-    if len(code) != 3 or code.translate(None, _DIGITS) or not 100 <= int(code) <= 599:
+    raw = bytes(data)
+    m = _RESPONSE_LINE.match(raw)
+    if (
+        m is None
+        or not raw.endswith(b"\r\n\r\n")
+        or _FIELDS_BLOCK.fullmatch(raw, m.end(), len(raw) - 2) is None
+    ):
+        _explain_response(raw)
+    version, code, reason = m.groups()
+    if reason is None:
+        reason = b""
+    minor = 1 if version == b"HTTP/1.1" else 0
+    status = int(code)
+    if not 100 <= status <= 599:
         raise _bad("invalid response status", "bad_response", 502)
-    if reason.translate(None, _VALUE_OK):
-        raise _bad("invalid reason phrase", "bad_response", 502)
+    fields_start = m.end()
+    special = _specials(_RESPONSE_SPECIAL, raw, fields_start - 2)
     content_length: int | None = None
     codings: list[bytes] = []
-    connection: set[bytes] = set()
-    for name, value in headers:
-        lname = name.lower()
+    connection: frozenset[bytes] = frozenset()
+    for lname, value, _, _ in special:
         if lname == _CONTENT_LENGTH:
             content_length = _content_length(value, content_length, 502)
         elif lname == _TRANSFER_ENCODING:
@@ -477,28 +502,45 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
             if not codings:
                 raise _bad("empty Transfer-Encoding", "bad_response", 502)
         elif lname == _CONNECTION:
-            connection.update(_tokens(value))
+            connection = connection.union(_tokens(value))
     if minor == 1:
         keep_alive = b"close" not in connection
     else:
         keep_alive = b"keep-alive" in connection and b"close" not in connection
-    chunked = bool(codings) and codings[-1] == b"chunked"
+    chunked = False
     if codings:
         # Transfer-Encoding wins over Content-Length; anything unusual: do not reuse the connection.
+        chunked = codings[-1] == b"chunked"
         if not chunked or content_length is not None or len(codings) > 1:
             keep_alive = False
         content_length = None
     return ResponseHead(
-        version=version,
-        status=int(code),
-        reason=reason,
-        headers=headers,
-        content_length=content_length,
-        chunked=chunked,
-        te_other=bool(codings) and not chunked,
-        keep_alive=keep_alive,
-        connection_tokens=frozenset(connection),
+        version,
+        status,
+        reason,
+        None,
+        content_length,
+        chunked,
+        bool(codings) and not chunked,
+        keep_alive,
+        connection,
+        raw,
+        fields_start,
+        special,
     )
+
+
+def _explain_response(raw: bytes) -> NoReturn:
+    line, _block, _headers = _split_head(raw, 502)
+    version, _, rest = line.partition(b" ")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise _bad("invalid response version", "bad_response", 502)
+    code, _, reason = rest.partition(b" ")
+    if len(code) != 3 or code.translate(None, _DIGITS) or not 100 <= int(code) <= 599:
+        raise _bad("invalid response status", "bad_response", 502)
+    if reason.translate(None, _VALUE_OK):
+        raise _bad("invalid reason phrase", "bad_response", 502)
+    raise _bad("malformed response head", "bad_response", 502)  # pragma: no cover - defensive
 
 
 # ------------------------------------------------------------------------------------------- framers

@@ -19,12 +19,12 @@ Retries: a request is resent only (a) to another backend when the connect failed
 failed or closed with no response byte) and the request is idempotent without a body (GET, HEAD, OPTIONS,
 TRACE, PUT, DELETE without body). Nothing is retried after a fresh connection took request bytes.
 
-Errors: no backend -> 503; every connect failed -> 503 (as HAProxy); backend closed or sent garbage before a response
-head -> 502; no head in time -> 504; backend fails after the head went out -> the client connection is
-aborted (the client sees a truncated response, never a wrong one). Bad requests are answered (400, 408,
-414, 431, 501, 505), counted by reason and the connection closed. The response to a request whose body
-was not read completely says `Connection: close`. Upgrade (WebSocket) is not supported: the Upgrade header
-is stripped, the backend answers a plain request.
+Errors: no backend -> 503; every connect failed -> 503 (as HAProxy); backend closed or sent garbage
+before a response head -> 502; no head in time -> 504; backend fails after the head went out -> the client
+connection is aborted (the client sees a truncated response, never a wrong one). Bad requests are answered
+(400, 408, 414, 431, 501, 505), counted by reason and the connection closed. The response to a request
+whose body was not read completely says `Connection: close`. Upgrade (WebSocket) is not supported: the
+Upgrade header is stripped, the backend answers a plain request.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ from halb.proxy.http_codec import (
     request_framer,
     response_framer,
 )
+from halb.proxy.limits import BackendQueue, ListenerGate, NodeGate, QueueFull, QueueTimeout
 from halb.proxy.stats import HttpListenerStats
+from halb.proxy.tls import TlsTerminator
 from halb.proxy.upstream_pool import UpstreamPool
 
 log = logging.getLogger("halb.proxy.http")
@@ -91,11 +93,14 @@ _RESP_DROP = frozenset(
 )
 # Connection-header tokens that may not remove end-to-end headers.
 _PROTECTED = frozenset({b"host"})
+# Connection-header tokens that name no other header to drop (the common case: the fast head copy).
+_PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive"})
 
 BODY_FLUSH_BYTES = 1 << 20  # report backend bytes at least every MiB of a long response
 # After answering a request whose bytes were not all read (errors), keep reading and discarding for this
 # long after shutting our side, so the client reads the answer instead of a reset.
 LINGER_SECONDS = 2.0
+REJECT_LINGER_SECONDS = 0.5  # the same for connections refused by a connection limit (they cost fds)
 COALESCE_BYTES = 65536  # response body bytes copied behind the head to send both in one write
 
 
@@ -118,13 +123,19 @@ class HttpListener:
         *,
         scheme: str = "http",
         loop: asyncio.AbstractEventLoop | None = None,
+        gate: ListenerGate | None = None,
+        queue: BackendQueue | None = None,
+        tls: TlsTerminator | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.upstream = upstream
-        self.scheme = scheme.encode()
+        self.tls = tls
+        self.scheme = b"https" if tls is not None else scheme.encode()
         self.loop = loop or asyncio.get_running_loop()
         self.stats = HttpListenerStats()
+        self.gate = gate or ListenerGate(NodeGate(0), config.maxconn, config.maxconn_per_ip)
+        self.queue = queue  # per-backend maxconn queue of the pool; None when no backend has maxconn
         self.connections: set[HttpConnection] = set()
         self.lingering: set[asyncio.Transport] = set()
         self.draining = False
@@ -141,6 +152,10 @@ class HttpListener:
 
     def protocol_factory(self) -> asyncio.Protocol:
         return HttpConnection(self)
+
+    def count_rejected(self, reason: str) -> None:
+        rejected = self.stats.rejected
+        rejected[reason] = rejected.get(reason, 0) + 1
 
     def hash_key(self, req: RequestHead) -> str:
         """The balancing key of a request per `pool.config.hash_key` ("" = use the client IP)."""
@@ -164,6 +179,9 @@ class HttpListener:
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def connection_done(self, conn: HttpConnection) -> None:
+        if conn.admitted:
+            conn.admitted = False
+            self.gate.release(conn.client_ip)
         if conn in self.connections:
             self.connections.discard(conn)
             self.stats.client_connections_active -= 1
@@ -210,6 +228,9 @@ class HttpConnection(Channel):
         super().__init__(listener.loop)
         self.listener = listener
         self.client_ip = ""
+        self.client_ip_bytes = b""
+        self.admitted = False  # holds a slot of the listener's connection limits (released when done)
+        self.in_queue = False  # waiting for a backend slot (maxconn)
         self.task: asyncio.Task[None] | None = None
         self.idle = True  # waiting for the next request's first byte
         self.finished = False
@@ -226,11 +247,27 @@ class HttpConnection(Channel):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""
+        self.client_ip_bytes = self.client_ip.encode()
         listener = self.listener
+        if not self.admitted:
+            reason = listener.gate.admit(self.client_ip)
+            if reason:
+                listener.count_rejected(reason)
+                self._reject(transport, reason)
+                return
+            self.admitted = True
         listener.connections.add(self)
         listener.stats.client_connections_active += 1
         listener.stats.client_connections_total += 1
         self.task = self.loop.create_task(self._run())
+
+    def _reject(self, transport: asyncio.BaseTransport, reason: str) -> None:
+        """Over a connection limit: answer 503 at once, then close without reading the request."""
+        self.finished = True
+        self._discarding = True
+        self._linger = True
+        self._send_error(503, f"too many connections ({reason})")
+        self._close_client(linger_seconds=REJECT_LINGER_SECONDS)
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -240,6 +277,8 @@ class HttpConnection(Channel):
     def eof_received(self) -> bool:
         if self._discarding:
             return False  # lingering close done: let the transport close
+        if self.in_queue and self.task is not None:
+            self.task.cancel()  # (HAProxy's abortonclose) the client left while its request was queued
         return super().eof_received()
 
     def on_lost(self) -> None:
@@ -269,8 +308,10 @@ class HttpConnection(Channel):
             listener.stats.count_bad_request(exc.reason)
             self._send_error(exc.status, str(exc))
         except asyncio.CancelledError:
-            pass
+            if (self.closed or self.eof) and not self.idle:
+                listener.stats.client_aborts_total += 1  # the client left in the middle of a request
         except (OSError, TimeoutError, _ClientGone) as exc:
+            listener.stats.client_aborts_total += 1
             log.debug("client %s: %r", self.client_ip, exc)
         except Exception:
             log.exception("unexpected error serving HTTP client %s", self.client_ip)
@@ -279,7 +320,7 @@ class HttpConnection(Channel):
             self._close_client()
             listener.connection_done(self)
 
-    def _close_client(self) -> None:
+    def _close_client(self, linger_seconds: float = LINGER_SECONDS) -> None:
         transport = self.transport
         if transport is None or transport.is_closing() or self.closed:
             return
@@ -294,7 +335,7 @@ class HttpConnection(Channel):
                 transport.resume_reading()
             write_eof_after_flush(transport, self.loop)
             listener.lingering.add(transport)
-            self.loop.call_later(LINGER_SECONDS, self._end_linger, transport)
+            self.loop.call_later(linger_seconds, self._end_linger, transport)
             return
         if not transport.get_write_buffer_size():
             transport.close()
@@ -385,8 +426,19 @@ class HttpConnection(Channel):
         keep_ok = req.keep_alive and not listener.draining
         self._t0 = now = self.loop.time()
         ctx = Context(self.client_ip, listener.hash_key(req), now)
+        # --- Per-request hooks go here, before a backend is chosen: the place for sticky sessions and
+        # rate limits (a hook may answer the request itself, e.g. 429 via self._fail(), or pick the
+        # backend). Then the pool's policy chooses, through the maxconn queue when the pool has one.
+        queue = listener.queue
         try:
-            backend = pool.choose(ctx)
+            if queue is None:
+                backend = pool.choose(ctx)
+            else:
+                backend = await self._choose_queued(queue, ctx)
+        except (QueueFull, QueueTimeout) as exc:
+            full = isinstance(exc, QueueFull)
+            message = "all backends are busy and the queue is full" if full else "queue timeout"
+            return self._fail(503, f'pool "{pool.name}": {message}', req, rid, framer.done)
         except Exception:
             log.exception("pool %s: choosing a backend failed", pool.name)
             backend = None
@@ -403,6 +455,26 @@ class HttpConnection(Channel):
         finally:
             stats.in_flight -= 1
             self.upstream_channel = None
+
+    async def _choose_queued(self, queue: BackendQueue, ctx: Context) -> Backend | None:
+        """pool.choose() under per-backend maxconn: may wait in the pool's queue (counted)."""
+        stats = self.listener.stats
+        before = queue.queued_total
+        stats.queued += 1
+        self.in_queue = True
+        try:
+            return await queue.choose(ctx)
+        except QueueFull:
+            stats.queue_full_total += 1
+            raise
+        except QueueTimeout:
+            stats.queue_timeouts_total += 1
+            raise
+        finally:
+            self.in_queue = False
+            stats.queued -= 1
+            if queue.queued_total != before:
+                stats.queued_total += 1
 
     async def _forward(
         self,
@@ -441,6 +513,8 @@ class HttpConnection(Channel):
                 allow_reuse = False
             finally:
                 backend.on_connection_closed()
+                if listener.queue is not None:
+                    listener.queue.slot_freed()
 
     async def _connect(
         self, ctx: Context, backend: Backend, tried: list[Backend], allow_reuse: bool, idempotent: bool
@@ -459,13 +533,16 @@ class HttpConnection(Channel):
                 up = await listener.upstream.connect(backend, config.connect_timeout)
             except (OSError, TimeoutError) as exc:
                 backend.on_connection_closed()
+                queue = listener.queue
+                if queue is not None:
+                    queue.slot_freed()
                 log.debug("connect to %s (%s) failed: %r", backend.name, backend.address, exc)
                 pool.report_connect_failure(backend)
                 listener.stats.connect_failures_total += 1
                 tried.append(backend)
                 if len(tried) > config.retries:
                     return None
-                nxt = pool.choose(ctx, tried)
+                nxt = pool.choose(ctx, tried) if queue is None else queue.choose_now(ctx, tried)
                 if nxt is None:
                     return None
                 listener.stats.retries_total += 1
@@ -473,6 +550,8 @@ class HttpConnection(Channel):
                 continue
             except BaseException:
                 backend.on_connection_closed()
+                if listener.queue is not None:
+                    listener.queue.slot_freed()
                 raise
             return backend, up, False
 
@@ -566,6 +645,7 @@ class HttpConnection(Channel):
                             deadline = done_at + timeout
                             continue
                     stats.backend_errors_total += 1
+                    stats.backend_timeouts_total += 1
                     return self._fail(
                         504,
                         f"backend {backend.name} did not answer within {timeout:g}s",
@@ -717,7 +797,40 @@ class HttpConnection(Channel):
 
     # --- heads ---------------------------------------------------------------------------------------
     def _request_head(self, req: RequestHead) -> tuple[bytes, bytes]:
-        """The head sent upstream, and the request id."""
+        """The request id, and the head sent upstream.
+
+        The client's field lines are copied as they came, as slices of the raw head, except the ones the
+        proxy rewrites or drops (hop-by-hop, framing, forwarding headers: `req.special`, found by the codec
+        in one regex pass). Headers named by a `Connection` token are dropped too (a rare, slower path).
+        """
+        raw = req.raw
+        tokens = req.connection_tokens
+        if tokens and not tokens <= _PLAIN_CONNECTION_TOKENS:
+            return self._request_head_slow(req)
+        out = [
+            raw[: req.fields_start]
+            if req.line_ok
+            else b"%s %s %s\r\n" % (req.method, req.target, req.version)
+        ]
+        pos = req.fields_start
+        xff: bytes | None = None
+        rid: bytes | None = None
+        for lname, value, start, end in req.special:
+            if lname not in _REQ_SPECIAL:
+                continue  # e.g. Host, Expect: forwarded as they are
+            out.append(raw[pos:start])
+            pos = end
+            if lname == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+            elif lname == b"x-request-id":
+                if rid is None and value:
+                    rid = value
+            elif lname == b"te" and value.lower() == b"trailers":
+                out.append(raw[start:end])
+        out.append(raw[pos:-2])
+        return self._request_head_tail(req, out, xff, rid)
+
+    def _request_head_slow(self, req: RequestHead) -> tuple[bytes, bytes]:
         out = [req.method, b" ", req.target, b" ", req.version, b"\r\n"]
         tokens = req.connection_tokens
         xff: bytes | None = None
@@ -736,11 +849,16 @@ class HttpConnection(Channel):
             if tokens and lname in tokens and lname not in _PROTECTED:
                 continue
             out += (name, b": ", value, b"\r\n")
+        return self._request_head_tail(req, out, xff, rid)
+
+    def _request_head_tail(
+        self, req: RequestHead, out: list[bytes], xff: bytes | None, rid: bytes | None
+    ) -> tuple[bytes, bytes]:
         if req.chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
         elif req.content_length is not None:
             out.append(b"Content-Length: %d\r\n" % req.content_length)
-        client_ip = self.client_ip.encode()
+        client_ip = self.client_ip_bytes
         if rid is None:
             rid = b"%032x" % random.getrandbits(128)
         out += (
@@ -758,13 +876,24 @@ class HttpConnection(Channel):
     def _response_head(
         resp: ResponseHead, rid: bytes, keep: bool, minor: int, *, interim: bool = False
     ) -> bytes:
-        out = [b"HTTP/1.1 %d " % resp.status, resp.reason, b"\r\n"]
+        """The head sent to the client: the backend's field lines copied as slices of its raw head, except
+        the hop-by-hop and rewritten ones (`resp.special`), then Content-Length, X-Request-ID, Connection."""
+        raw = resp.raw
         tokens = resp.connection_tokens
-        for name, value in resp.headers:
-            lname = name.lower()
-            if lname in _RESP_DROP or (tokens and lname in tokens):
-                continue
-            out += (name, b": ", value, b"\r\n")
+        out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason)]
+        if tokens and not tokens <= _PLAIN_CONNECTION_TOKENS:
+            for name, value in resp.headers:
+                lname = name.lower()
+                if lname in _RESP_DROP or lname in tokens:
+                    continue
+                out += (name, b": ", value, b"\r\n")
+        else:
+            pos = resp.fields_start
+            for lname, _value, start, end in resp.special:
+                if lname in _RESP_DROP:
+                    out.append(raw[pos:start])
+                    pos = end
+            out.append(raw[pos:-2])
         if interim:
             out.append(b"\r\n")
             return b"".join(out)

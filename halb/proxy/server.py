@@ -7,6 +7,11 @@ with `loop.create_server`, using the listener's HTTP (`http_proxy.HttpListener`)
 connections. A housekeeping task ticks twice a second: expires idle backend connections, reports TCP bytes
 to backends and enforces the TCP idle timeout.
 
+Limits and TLS: the server owns this worker's `NodeGate` (its share of `node.maxconn`), gives each
+listener a `ListenerGate` (listener `maxconn`, `maxconn_per_ip`) and each pool with a per-backend
+`maxconn` a `BackendQueue` (halb.proxy.limits). A listener with `tls` gets its `TlsTerminator`'s context
+(halb.proxy.tls); `reload_tls()` (SIGHUP) loads fresh certificates into it.
+
 Shutdown is in steps: `stop_accepting()` closes the listening sockets; `drain(timeout)` lets in-flight
 requests finish (their responses say `Connection: close`), closes idle keep-alive connections at once and
 returns True when nothing is left or False at the timeout (TCP sessions simply run until they end);
@@ -24,7 +29,9 @@ from collections.abc import Mapping, Sequence
 from halb.config_model import ListenerConfig
 from halb.pool import Pool
 from halb.proxy.http_proxy import HttpListener
+from halb.proxy.limits import ListenerGate, NodeGate, automatic_maxconn, make_backend_queue, share
 from halb.proxy.tcp_proxy import TcpListener
+from halb.proxy.tls import TlsTerminator
 from halb.proxy.upstream_pool import UpstreamPool
 
 log = logging.getLogger("halb.proxy")
@@ -40,7 +47,8 @@ class ProxyServer:
         *,
         upstream_idle_timeout: float = 15.0,
         upstream_max_idle: int = 64,
-        tls_listeners: frozenset[str] = frozenset(),
+        maxconn: int = 0,
+        workers: int = 1,
     ) -> None:
         for listener in listeners:
             if listener.pool not in pools:
@@ -52,7 +60,15 @@ class ProxyServer:
         self.upstream = UpstreamPool(
             idle_timeout=upstream_idle_timeout, max_idle_per_backend=upstream_max_idle
         )
-        self._tls = tls_listeners
+        # Connection limits: this worker's share of node.maxconn (automatic from the fd limit when 0).
+        self.workers = workers
+        self.gate = NodeGate(share(maxconn, workers) if maxconn else automatic_maxconn())
+        # TLS contexts are built here, before anything binds: a bad certificate fails the start.
+        self.tls: dict[str, TlsTerminator] = {
+            lc.name: TlsTerminator(lc.tls, ("http/1.1",) if lc.mode == "http" else ())
+            for lc in self.listeners
+            if lc.tls is not None
+        }
         self._handlers: dict[str, HttpListener | TcpListener] = {}
         self._servers: dict[str, asyncio.Server] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
@@ -65,19 +81,31 @@ class ProxyServer:
             raise RuntimeError("ProxyServer already started")
         self._started = True
         loop = asyncio.get_running_loop()
+        queues = {name: make_backend_queue(pool, self.workers, loop) for name, pool in self.pools.items()}
         try:
             for config in self.listeners:
                 pool = self.pools[config.pool]
+                gate = ListenerGate(
+                    self.gate, share(config.maxconn, self.workers), share(config.maxconn_per_ip, self.workers)
+                )
+                tls = self.tls.get(config.name)
                 handler: HttpListener | TcpListener
                 if config.mode == "http":
-                    scheme = "https" if config.name in self._tls else "http"
-                    handler = HttpListener(config, pool, self.upstream, scheme=scheme, loop=loop)
+                    handler = HttpListener(
+                        config, pool, self.upstream, loop=loop, gate=gate, queue=queues[config.pool], tls=tls
+                    )
                 else:
-                    handler = TcpListener(config, pool, loop=loop)
+                    handler = TcpListener(
+                        config, pool, loop=loop, gate=gate, queue=queues[config.pool], tls=tls
+                    )
                 sock = await _bind(config, loop)
                 try:
                     server = await loop.create_server(
-                        handler.protocol_factory, sock=sock, backlog=config.backlog
+                        handler.protocol_factory,
+                        sock=sock,
+                        backlog=config.backlog,
+                        ssl=tls.context if tls is not None else None,
+                        ssl_handshake_timeout=config.header_timeout if tls is not None else None,
                     )
                 except OSError as exc:
                     sock.close()
@@ -142,6 +170,10 @@ class ProxyServer:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
 
+    def reload_tls(self) -> dict[str, bool]:
+        """SIGHUP: re-read every TLS listener's certificate and key (see halb.proxy.tls)."""
+        return {name: terminator.reload() for name, terminator in self.tls.items()}
+
     def stats(self) -> dict[str, object]:
         listeners: dict[str, object] = {}
         for name, handler in self._handlers.items():
@@ -149,8 +181,27 @@ class ProxyServer:
             entry["pool"] = handler.config.pool
             entry["bind"] = str(handler.config.bind)
             entry["draining"] = handler.draining
+            entry["connections_limit"] = handler.gate.limit
+            terminator = self.tls.get(name)
+            if terminator is not None:
+                entry["tls_reloads_total"] = terminator.reloads_total
+                entry["tls_reload_failures_total"] = terminator.reload_failures_total
             listeners[name] = entry
-        return {"listeners": listeners, "upstream": self.upstream.stats()}
+        return {
+            "listeners": listeners,
+            "upstream": self.upstream.stats(),
+            "connections": {"current": self.gate.current, "limit": self.gate.limit},
+        }
+
+    def open_connections(self) -> int:
+        """Client connections still open (being served, or lingering before the close)."""
+        total = 0
+        for handler in self._handlers.values():
+            if isinstance(handler, HttpListener):
+                total += len(handler.connections) + len(handler.lingering)
+            else:
+                total += len(handler.sessions)
+        return total
 
     def buffered_bytes(self) -> int:
         """Bytes held in user space by all connections (read buffers + transport write buffers)."""

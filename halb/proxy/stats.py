@@ -1,7 +1,8 @@
 """Per-listener counters the admin API reads (`ProxyServer.stats()`).
 
 How this works: plain mutable objects the proxy increments inline on its hot path (attribute and dict
-increments only); `as_dict()` makes a JSON-ready snapshot.
+increments only); `as_dict()` makes a JSON-ready snapshot. Dict-valued counters (`responses` by status
+class, `bad_requests` by reason, `rejected` by limit) become one Prometheus series per key.
 """
 
 from __future__ import annotations
@@ -28,8 +29,16 @@ class HttpListenerStats:
     reconnects_total: int = 0  # pooled connection found dead, request resent on a fresh one
     no_backend_total: int = 0  # answered 503
     backend_errors_total: int = 0  # backend failed mid-exchange (502) or timed out (504)
+    backend_timeouts_total: int = 0  # of which: no response head within the pool's timeout (504)
+    client_aborts_total: int = 0  # client closed, reset or stalled in the middle of a request
     bytes_in: int = 0  # from clients
     bytes_out: int = 0  # to clients
+    # Limits (halb.proxy.limits): connections refused by limit name; requests queued for a backend slot.
+    rejected: dict[str, int] = field(default_factory=dict)
+    queued: int = 0  # waiting in the pool's maxconn queue right now
+    queued_total: int = 0
+    queue_timeouts_total: int = 0  # waited queue_timeout: 503
+    queue_full_total: int = 0  # maxqueue already waiting: 503 at once
 
     def count_response(self, status: int) -> None:
         key = _STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
@@ -52,8 +61,15 @@ class HttpListenerStats:
             "reconnects_total": self.reconnects_total,
             "no_backend_total": self.no_backend_total,
             "backend_errors_total": self.backend_errors_total,
+            "backend_timeouts_total": self.backend_timeouts_total,
+            "client_aborts_total": self.client_aborts_total,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "rejected": dict(self.rejected),
+            "queued": self.queued,
+            "queued_total": self.queued_total,
+            "queue_timeouts_total": self.queue_timeouts_total,
+            "queue_full_total": self.queue_full_total,
         }
 
 
@@ -67,6 +83,11 @@ class TcpListenerStats:
     idle_timeouts_total: int = 0
     bytes_in: int = 0  # client -> backend
     bytes_out: int = 0  # backend -> client
+    rejected: dict[str, int] = field(default_factory=dict)  # connections refused, by limit name
+    queued: int = 0
+    queued_total: int = 0
+    queue_timeouts_total: int = 0
+    queue_full_total: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -79,4 +100,9 @@ class TcpListenerStats:
             "idle_timeouts_total": self.idle_timeouts_total,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "rejected": dict(self.rejected),
+            "queued": self.queued,
+            "queued_total": self.queued_total,
+            "queue_timeouts_total": self.queue_timeouts_total,
+            "queue_full_total": self.queue_full_total,
         }

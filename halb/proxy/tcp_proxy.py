@@ -26,7 +26,9 @@ from halb.balancing.base import Context
 from halb.config_model import ListenerConfig
 from halb.pool import Pool
 from halb.proxy.flush import close_after_flush, write_eof_after_flush
+from halb.proxy.limits import BackendQueue, ListenerGate, NodeGate, QueueFull, QueueTimeout
 from halb.proxy.stats import TcpListenerStats
+from halb.proxy.tls import TlsTerminator
 
 log = logging.getLogger("halb.proxy.tcp")
 
@@ -36,20 +38,41 @@ WRITE_LOW_WATER = 64 * 1024
 
 class TcpListener:
     def __init__(
-        self, config: ListenerConfig, pool: Pool, *, loop: asyncio.AbstractEventLoop | None = None
+        self,
+        config: ListenerConfig,
+        pool: Pool,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        gate: ListenerGate | None = None,
+        queue: BackendQueue | None = None,
+        tls: TlsTerminator | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.loop = loop or asyncio.get_running_loop()
         self.stats = TcpListenerStats()
+        self.gate = gate or ListenerGate(NodeGate(0), config.maxconn, config.maxconn_per_ip)
+        self.queue = queue  # per-backend maxconn queue of the pool; None when no backend has maxconn
+        self.tls = tls
         self.sessions: set[TcpSession] = set()
         self.draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
+        # The client address is only looked up (a getpeername call) when something needs it.
+        self.needs_client_ip = bool(
+            config.maxconn_per_ip or pool.config.algorithm in ("ip_hash", "consistent_hash")
+        )
 
     def protocol_factory(self) -> asyncio.Protocol:
         return TcpSession(self)
 
+    def count_rejected(self, reason: str) -> None:
+        rejected = self.stats.rejected
+        rejected[reason] = rejected.get(reason, 0) + 1
+
     def session_done(self, session: TcpSession) -> None:
+        if session.admitted:
+            session.admitted = False
+            self.gate.release(session.client_ip)
         if session in self.sessions:
             self.sessions.discard(session)
             self.stats.connections_active -= 1
@@ -115,6 +138,7 @@ class TcpSession(asyncio.Protocol):
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
+        self.admitted = False  # holds a slot of the listener's connection limits (released when done)
         self.bytes_up = 0  # client -> backend
         self.bytes_down = 0  # backend -> client
         self.seen_bytes = 0
@@ -131,9 +155,18 @@ class TcpSession(asyncio.Protocol):
         self.client = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         transport.pause_reading()  # until the backend is connected
-        peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]) if peer else ""
         listener = self.listener
+        if listener.needs_client_ip:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = str(peer[0]) if peer else ""
+        if not self.admitted:
+            reason = listener.gate.admit(self.client_ip)
+            if reason:
+                listener.count_rejected(reason)
+                self.closed = True
+                transport.abort()
+                return
+            self.admitted = True
         listener.sessions.add(self)
         listener.stats.connections_active += 1
         listener.stats.connections_total += 1
@@ -211,7 +244,13 @@ class TcpSession(asyncio.Protocol):
         stats = listener.stats
         loop = self.loop
         ctx = Context(self.client_ip, "", loop.time())
-        backend = pool.choose(ctx)
+        queue = listener.queue
+        if queue is None:
+            backend = pool.choose(ctx)
+        else:
+            backend = await self._choose_queued(queue, ctx)
+            if self.closed:
+                return
         if backend is None:
             stats.no_backend_total += 1
             log.debug("no backend in pool %s for %s", pool.name, self.client_ip)
@@ -224,12 +263,14 @@ class TcpSession(asyncio.Protocol):
                 async with asyncio.timeout(config.connect_timeout):
                     await loop.create_connection(lambda: _UpstreamSide(self), backend.host, backend.port)
             except (OSError, TimeoutError) as exc:
-                backend.on_connection_closed()
+                self._slot_freed(backend)
                 log.debug("connect to %s (%s) failed: %r", backend.name, backend.address, exc)
                 pool.report_connect_failure(backend)
                 stats.connect_failures_total += 1
                 tried.append(backend)
-                nxt = pool.choose(ctx, tried) if len(tried) <= config.retries else None
+                nxt = None
+                if len(tried) <= config.retries:
+                    nxt = pool.choose(ctx, tried) if queue is None else queue.choose_now(ctx, tried)
                 if nxt is None or self.closed:
                     self.finish()
                     return
@@ -237,19 +278,43 @@ class TcpSession(asyncio.Protocol):
                 backend = nxt
                 continue
             except BaseException:
-                backend.on_connection_closed()
+                self._slot_freed(backend)
                 raise
             break
         self.backend = backend
         self.started = loop.time()
         if self.closed:  # the client left while we connected (or the backend closed at once)
-            backend.on_connection_closed()
+            self._slot_freed(backend)
             self.backend = None
             if self.upstream is not None:
                 self.upstream.abort()
             return
         assert self.client is not None
         self.client.resume_reading()
+
+    async def _choose_queued(self, queue: BackendQueue, ctx: Context) -> Backend | None:
+        """pool.choose() under per-backend maxconn: may wait in the pool's queue (the client is paused)."""
+        stats = self.listener.stats
+        before = queue.queued_total
+        stats.queued += 1
+        try:
+            return await queue.choose(ctx)
+        except QueueFull:
+            stats.queue_full_total += 1
+        except QueueTimeout:
+            stats.queue_timeouts_total += 1
+        finally:
+            stats.queued -= 1
+            if queue.queued_total != before:
+                stats.queued_total += 1
+        self.finish()
+        return None
+
+    def _slot_freed(self, backend: Backend) -> None:
+        backend.on_connection_closed()
+        queue = self.listener.queue
+        if queue is not None:
+            queue.slot_freed()
 
     def finish(self, abort: bool = False) -> None:
         """End the session: close both connections (flushing, or aborting on errors), report stats."""
@@ -269,9 +334,9 @@ class TcpSession(asyncio.Protocol):
         if backend is not None:
             now = self.loop.time()
             self.flush_bytes(now)
-            backend.on_connection_closed()
             backend.on_response(now - self.started)
             self.backend = None
+            self._slot_freed(backend)
         self.listener.session_done(self)
 
     def flush_bytes(self, now: float) -> None:

@@ -5,9 +5,14 @@ How this works
 One `redis.asyncio.Redis` client per store (per worker process), built either from `url`
 ("redis://[:password@]host:port/db") or from `sentinels` + `service_name`; in Sentinel mode the client is
 `Sentinel(...).master_for(service_name)`, whose connection pool asks the sentinels for the master's address
-whenever it opens a connection and drops connections that answer READONLY (a demoted master). So a
-Sentinel failover is followed without recreating anything: calls fail while there is no master, the
-breaker opens, a probe finds the new master, the breaker closes.
+whenever it opens a connection and drops connections that answer READONLY (a demoted master). That alone
+is not enough: after a failover Sentinel demotes the old master only at its next INFO of it (up to 10 s),
+and until then pooled connections would keep writing there (writes lost at the resync). So a background
+task asks the sentinels every `sentinel_check_interval` (1 s) where the master is and, when it moved, drops
+every connection. A failover is followed without recreating anything: calls fail while there is no
+master, the breaker opens, a probe finds the new master, the breaker closes. Writes made in the last
+moments before a failover can still be lost (Redis replication is asynchronous); for sticky sessions that
+only means one re-decision, which the consistent-hash ring makes the same way.
 
 Every call is bounded three ways, because redis-py 8's defaults (several retries, 5 s timeouts) block
 about 4.5 s on a dead server:
@@ -39,7 +44,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from redis.asyncio import Redis
@@ -65,11 +70,12 @@ _UNAVAILABLE_REPLIES = ("MASTERDOWN", "NOREPLICAS", "LOADING", "BUSY", "OOM", "T
 class RedisSettings:
     """Where Redis is and how long halb may wait for it. Times in seconds."""
 
-    url: str = ""  # redis://[:password@]host:port/db ; exactly one of url / sentinels
+    # Fields that may carry a password stay out of repr() (settings end up in logs and tracebacks).
+    url: str = field(default="", repr=False)  # redis://[:password@]host:port/db; exactly one of url/sentinels
     sentinels: tuple[tuple[str, int], ...] = ()
     service_name: str = "mymaster"
-    password: str | None = None  # Sentinel mode: the master's password (a URL carries its own)
-    sentinel_password: str | None = None
+    password: str | None = field(default=None, repr=False)  # Sentinel mode: the master's password
+    sentinel_password: str | None = field(default=None, repr=False)
     db: int = 0  # Sentinel mode
     connect_timeout: float = 0.1
     socket_timeout: float = 0.1

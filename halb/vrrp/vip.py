@@ -126,6 +126,24 @@ async def _ifindex(ipr: Any, interface: str) -> int:
     return int(found[0])
 
 
+def _ipv4_text(value: object) -> str | None:
+    """An IFA_ADDRESS/IFA_LOCAL value as dotted text.
+
+    pyroute2 0.9 normally decodes it to a string, but seen here (1 lab start in ~30, under CPU load) it
+    handed back the raw attribute instead: 8 bytes = 2-byte length (8), 2-byte type, 4 address bytes.
+    Both raw forms are decoded here so address listing and stale-VIP release never miss an address.
+    """
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+        if len(raw) == 4:
+            return socket.inet_ntoa(raw)
+        if len(raw) == 8 and int.from_bytes(raw[:2], "little") == 8:
+            return socket.inet_ntoa(raw[4:8])
+    return None
+
+
 async def interface_ipv4_addresses(
     interface: str, iproute: IpRouteFactory = _default_iproute
 ) -> list[tuple[str, int]]:
@@ -135,9 +153,9 @@ async def interface_ipv4_addresses(
         index = await _ifindex(ipr, interface)
         out: list[tuple[str, int]] = []
         async for message in await ipr.addr("dump", index=index, family=socket.AF_INET):
-            address = message.get("IFA_ADDRESS") or message.get("IFA_LOCAL")
+            address = _ipv4_text(message.get("IFA_LOCAL")) or _ipv4_text(message.get("IFA_ADDRESS"))
             if address and message.get("index", index) == index:
-                out.append((str(address), int(message["prefixlen"])))
+                out.append((address, int(message["prefixlen"])))
         return out
     except VipError:
         raise

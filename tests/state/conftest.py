@@ -233,7 +233,7 @@ def sentinel_topology(redis_servers: RedisServers) -> SentinelTopology:
 
     One sentinel keeps setup fast: several only need seconds of hello messages to find each other first;
     the client side of "several sentinels" is covered by giving the store a dead sentinel address too."""
-    master = redis_servers.server()
+    master = redis_servers.server("--repl-diskless-sync-delay", "0")  # Redis 7 waits 5 s by default
     replica = redis_servers.server("--replicaof", "127.0.0.1", str(master.port))
     with sync_client(replica.port) as c:
         wait_until(lambda: c.info("replication")["master_link_status"] == "up", 15, "replica in sync")
@@ -247,7 +247,10 @@ def sentinel_topology(redis_servers: RedisServers) -> SentinelTopology:
                 if c.sentinel_master(service)["num-other-sentinels"] != len(sentinels) - 1:
                     return False
                 replicas = c.sentinel_slaves(service)
-                if not any(r["port"] == replica.port and not r["is_sdown"] for r in replicas):
+                if not any(
+                    r["port"] == replica.port and not r["is_sdown"] and r["master-link-status"] == "ok"
+                    for r in replicas
+                ):
                     return False
         return True
 

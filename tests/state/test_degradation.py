@@ -7,6 +7,7 @@ with a 3x margin for a loaded machine; the measured figures are printed in the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from halb.state.redis_store import RedisSettings, RedisStore
 from halb.state.sessions import FALLBACK, STORE, StickySessions, new_session_id
 from halb.state.store import TOKEN_BUCKET
 from tests.conftest import report
-from tests.state.conftest import RedisProcess, RedisServers, run
+from tests.state.conftest import RedisProcess, RedisServers, run, sync_client
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +64,10 @@ async def wait_recovered(sticky: StickySessions, key: str, timeout: float = 15.0
 
 
 def ms(values: list[float]) -> str:
-    return f"max {max(values) * 1000:.1f} ms, median {statistics.median(values) * 1000:.2f} ms"
+    def fmt(v: float) -> str:
+        return f"{v * 1000:.1f} ms" if v >= 0.001 else f"{v * 1e6:.0f} us"
+
+    return f"max {fmt(max(values))}, median {fmt(statistics.median(values))}"
 
 
 def test_killed_redis_fails_fast_falls_back_and_recovers(redis_servers: RedisServers) -> None:
@@ -201,3 +205,49 @@ def test_redis_killed_under_concurrent_load(redis_servers: RedisServers) -> None
         report("state: Redis killed under load (20 clients)", f"{len(waits)} requests, {ms(waits)}")
 
     run(scenario(), 60)
+
+
+def test_a_dropped_connection_costs_no_error(redis_servers: RedisServers) -> None:
+    server = redis_servers.server()
+
+    async def scenario() -> None:
+        store = make_store(server)
+        try:
+            await store.set_backend("app", "k", "web1", 60)
+            with sync_client(server.port) as c:
+                ids = [cl["id"] for cl in c.client_list() if cl["name"] == "halb"]
+                assert ids
+                for client_id in ids:
+                    c.client_kill_filter(_id=client_id)
+            assert await store.get_backend("app", "k", 60) == "web1"  # reconnected within the call
+            assert store.status.errors_total == 0 and not store.degraded
+        finally:
+            await store.aclose()
+
+    run(scenario())
+
+
+def test_a_read_only_replica_opens_the_circuit_and_ping_recovers(redis_servers: RedisServers) -> None:
+    master = redis_servers.server()
+    replica = redis_servers.server("--replicaof", "127.0.0.1", str(master.port))
+
+    async def scenario() -> None:
+        store = make_store(replica)  # a plain URL pointing at a replica: writes answer READONLY
+        try:
+            for _ in range(2):
+                with pytest.raises(StoreUnavailable):
+                    await store.set_backend("app", "k", "web1", 60)
+            assert store.degraded and "ReadOnly" in store.status.last_error
+            with sync_client(replica.port) as c:
+                c.replicaof("NO", "ONE")  # promoted: writable again
+            deadline = time.monotonic() + 15
+            while store.degraded:  # no traffic at all, only a periodic status ping
+                with contextlib.suppress(StoreUnavailable):
+                    await store.ping()
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await store.set_backend("app", "k", "web1", 60)
+        finally:
+            await store.aclose()
+
+    run(scenario())

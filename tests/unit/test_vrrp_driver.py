@@ -650,3 +650,12 @@ def test_status_and_metrics_render_an_instance() -> None:
     rendered = console.file.getvalue()  # type: ignore[attr-defined]
     assert "MASTER" in rendered and "100 (of 150)" in rendered
     assert f"{PEER} prio 100" in rendered and "truncated 1" in rendered
+
+
+def test_raw_netlink_address_attributes_are_decoded() -> None:
+    from halb.vrrp.vip import _ipv4_text
+
+    assert _ipv4_text("10.99.0.11") == "10.99.0.11"
+    assert _ipv4_text(b"\x08\x00\x01\x00\nc\x00\x0b") == "10.99.0.11"  # as pyroute2 once returned it
+    assert _ipv4_text(b"\nc\x00\x0b") == "10.99.0.11"
+    assert _ipv4_text(b"junk!") is None and _ipv4_text(None) is None

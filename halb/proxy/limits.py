@@ -1,0 +1,246 @@
+"""Connection limits and the per-backend `maxconn` queue of one worker process.
+
+How this works:
+
+* `NodeGate` counts the client connections of the whole worker (HAProxy's global `maxconn`).
+  `ListenerGate` adds the listener's own `maxconn` and `maxconn_per_ip` (a dict of live connections by
+  client address, kept only when that limit is set). A listener calls `admit(ip)` when a connection is
+  accepted: it returns "" (admitted, counted) or the name of the limit that refused it ("node_maxconn",
+  "listener_maxconn", "maxconn_per_ip"), which the listener counts in its `rejected` stats and answers
+  (HTTP: 503 and close; TCP: close). `release(ip)` when an admitted connection ends. Checks are plain
+  integer compares, so an unlimited listener pays nothing measurable.
+
+* `BackendQueue` (one per pool, shared by the HTTP and TCP listeners of that pool) enforces per-backend
+  `maxconn` like HAProxy's server `maxconn` + backend queue: `choose(ctx)` picks with the pool's policy
+  among backends that have a free slot (`backend.active_connections < maxconn`); when every available
+  backend is full the caller waits in a FIFO queue (at most `maxqueue` waiting, else `QueueFull`) until
+  `slot_freed()` hands it the next free slot, or `queue_timeout` passes (`QueueTimeout`). The proxy
+  answers both with 503. A slot handed to a waiter is reserved for it (`_handoff`): a request arriving at
+  that moment queues behind it instead of stealing the slot, so the queue is served in order. A pool
+  without any `maxconn` has no `BackendQueue` at all (`make_backend_queue` returns None).
+
+Limits are per worker process: with `node.workers = N` each worker enforces ceil(limit / N) (the kernel
+spreads connections over the workers with SO_REUSEPORT), which is exact for N = 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import resource
+from collections import deque
+from collections.abc import Collection
+
+from halb.backend import Backend
+from halb.balancing.base import Context
+from halb.pool import Pool
+
+FDS_PER_CONNECTION = 2  # the client socket and the backend socket
+FDS_RESERVED = 100  # listening sockets, the control socket, idle pooled backend connections...
+
+
+def share(limit: int, workers: int) -> int:
+    """One worker's share of a node-wide limit (0 stays 0 = unlimited)."""
+    return math.ceil(limit / max(workers, 1)) if limit > 0 else 0
+
+
+def automatic_maxconn() -> int:
+    """What the open-file limit allows (like HAProxy's default global maxconn)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, (soft - FDS_RESERVED) // FDS_PER_CONNECTION)
+
+
+class NodeGate:
+    """Client connections of the whole worker, all listeners together."""
+
+    __slots__ = ("current", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0 = unlimited
+        self.current = 0
+
+
+class ListenerGate:
+    __slots__ = ("current", "limit", "node", "per_ip", "per_ip_limit")
+
+    def __init__(self, node: NodeGate, limit: int = 0, per_ip_limit: int = 0) -> None:
+        self.node = node
+        self.limit = limit
+        self.per_ip_limit = per_ip_limit
+        self.current = 0
+        self.per_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> str:
+        """ "" when the connection may proceed (it is then counted), else the name of the limit hit."""
+        node = self.node
+        if node.limit and node.current >= node.limit:
+            return "node_maxconn"
+        if self.limit and self.current >= self.limit:
+            return "listener_maxconn"
+        if self.per_ip_limit:
+            n = self.per_ip.get(ip, 0)
+            if n >= self.per_ip_limit:
+                return "maxconn_per_ip"
+            self.per_ip[ip] = n + 1
+        node.current += 1
+        self.current += 1
+        return ""
+
+    def release(self, ip: str) -> None:
+        self.node.current -= 1
+        self.current -= 1
+        if self.per_ip_limit:
+            n = self.per_ip.get(ip, 0) - 1
+            if n > 0:
+                self.per_ip[ip] = n
+            else:
+                self.per_ip.pop(ip, None)
+
+
+class QueueFull(Exception):
+    """Every backend is at maxconn and the queue holds maxqueue waiters already."""
+
+
+class QueueTimeout(Exception):
+    """Waited queue_timeout for a free backend slot."""
+
+
+class BackendQueue:
+    def __init__(self, pool: Pool, workers: int = 1, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.pool = pool
+        self.workers = workers
+        self.loop = loop or asyncio.get_running_loop()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._handoff = 0  # slots handed to woken waiters that have not taken them yet
+        self._config = None  # the PoolConfig the per-backend limits were computed from
+        self._limits: dict[str, int] = {}
+        self.queued_total = 0
+        self.timeouts_total = 0
+        self.full_total = 0
+
+    # --- limits ------------------------------------------------------------------------------------------
+    def _refresh(self) -> dict[str, int]:
+        config = self.pool.config
+        if config is not self._config:  # the pool was reconfigured (cluster): recompute
+            self._config = config  # type: ignore[assignment]
+            self._limits = {
+                b.name: share(b.maxconn if b.maxconn is not None else config.maxconn, self.workers)
+                for b in config.backends
+            }
+        return self._limits
+
+    def full(self) -> list[Backend]:
+        """Backends without a free slot."""
+        limits = self._refresh()
+        out = []
+        for b in self.pool.backends:
+            limit = limits.get(b.name, 0)
+            if limit and b.active_connections >= limit:
+                out.append(b)
+        return out
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    # --- choosing ------------------------------------------------------------------------------------------
+    def choose_now(self, ctx: Context, exclude: Collection[Backend] = ()) -> Backend | None:
+        """A backend with a free slot (not in `exclude`), without queueing; None if there is none."""
+        full = self.full()
+        if full:
+            exclude = [*exclude, *full]
+        return self.pool.choose(ctx, exclude)
+
+    async def choose(self, ctx: Context) -> Backend | None:
+        """A backend with a free slot, waiting in the queue if all are busy.
+
+        None: no backend is available at all (the caller answers "no backend"). Raises QueueFull or
+        QueueTimeout when the backends are only busy.
+        """
+        if not self._waiters and not self._handoff:
+            full = self.full()
+            if not full:
+                return self.pool.choose(ctx)
+            backend = self.pool.choose(ctx, full)
+            if backend is not None:
+                return backend
+        if not any(b.available for b in self.pool.backends):
+            return self.pool.choose(ctx)  # None, and counted as "no backend" by the pool
+        maxqueue = share(self.pool.config.maxqueue, self.workers)
+        if len(self._waiters) >= maxqueue:
+            self.full_total += 1
+            raise QueueFull
+        self.queued_total += 1
+        deadline = self.loop.time() + self.pool.config.effective_queue_timeout
+        first = True
+        while True:
+            fut = self.loop.create_future()
+            if first:
+                self._waiters.append(fut)
+            else:
+                self._waiters.appendleft(fut)  # woken but the slot was gone: keep its place
+            timer = self.loop.call_at(deadline, _expire, fut)
+            woken = False
+            try:
+                await fut
+                woken = True
+            except TimeoutError:
+                self.timeouts_total += 1
+                raise QueueTimeout from None
+            finally:
+                timer.cancel()
+                if woken:
+                    self._handoff -= 1
+                else:
+                    try:
+                        self._waiters.remove(fut)
+                    except ValueError:  # it was woken (handed a slot) and then cancelled: pass it on
+                        self._handoff -= 1
+                        self.slot_freed()
+            backend = self.choose_now(ctx)
+            if backend is not None:
+                if self._waiters and self._free_slots() > 0:
+                    self.slot_freed()  # more than one slot is free: wake the next one too
+                return backend
+            if not any(b.available for b in self.pool.backends):
+                return self.pool.choose(ctx)
+            first = False
+
+    def _free_slots(self) -> int:
+        limits = self._refresh()
+        free = 0
+        for b in self.pool.backends:
+            if not b.available:
+                continue
+            limit = limits.get(b.name, 0)
+            if not limit:
+                return 1 << 30
+            free += max(0, limit - b.active_connections)
+        return free
+
+    def slot_freed(self) -> None:
+        """A request/connection to a backend ended: hand the slot to the first waiter, if any."""
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                self._handoff += 1
+                fut.set_result(None)
+                return
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+def make_backend_queue(
+    pool: Pool, workers: int, loop: asyncio.AbstractEventLoop | None = None
+) -> BackendQueue | None:
+    """A BackendQueue when the pool (or one of its backends) has a maxconn, else None."""
+    config = pool.config
+    if config.maxconn or any(b.maxconn for b in config.backends):
+        return BackendQueue(pool, workers, loop)
+    return None

@@ -1,0 +1,40 @@
+"""`bench/run.py --quick` produces its table (a smoke test of the harness: no speed is asserted here)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import report
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(
+    not all(shutil.which(tool) for tool in ("nginx", "haproxy", "wrk", "taskset")),
+    reason="needs nginx, haproxy, wrk and taskset (apt-get install nginx-light haproxy wrk)",
+)
+def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = done.stdout
+    for row in ("| HTTP keep-alive |", "| HTTP new-conn |", "| TCP keep-alive |", "| TCP new-conn |"):
+        assert row in text, text
+    assert "nginx direct keep-alive (ceiling)" in text and "- command: `python " in text
+    assert "- haproxy: " in text and "- uvloop: " in text and "- cpu: " in text
+    assert out.exists()
+    for line in text.splitlines():
+        if line.startswith("| HTTP") or line.startswith("| TCP"):
+            report("bench --quick (smoke run, 1 s per cell: not a measurement)", line)

@@ -1,0 +1,301 @@
+"""Connection limits and the per-backend maxconn queue (halb.proxy.limits), on both event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig
+from halb.pool import Pool
+from halb.proxy.server import ProxyServer
+from tests.integration.test_proxy_http import (  # (event_loop_kind: every test on asyncio and uvloop)
+    Client,
+    Request,
+    backends,
+    default_handler,
+    event_loop_kind,  # noqa: F401
+    poll,
+    read_response,
+    run,
+)
+
+pytestmark = pytest.mark.timeout(20)
+
+
+def pool_of(ports: list[int], **kw: Any) -> Pool:
+    backend_kw = kw.pop("backend_kw", {})
+    return Pool(
+        PoolConfig(
+            name="app",
+            backends=tuple(
+                BackendConfig(f"b{i}", HostPort("127.0.0.1", p), **backend_kw) for i, p in enumerate(ports)
+            ),
+            health=HealthConfig(kind="none"),
+            **kw,
+        )
+    )
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    pool: Pool, *modes: str, maxconn: int = 0, **listener_kw: Any
+) -> AsyncIterator[tuple[ProxyServer, list[tuple[str, int]]]]:
+    listeners = [
+        ListenerConfig(name=f"l{i}", bind=HostPort("127.0.0.1", 0), pool="app", mode=mode, **listener_kw)
+        for i, mode in enumerate(modes or ("http",))
+    ]
+    server = ProxyServer(listeners, {"app": pool}, maxconn=maxconn)
+    await server.start()
+    try:
+        yield server, [server.address(lc.name) for lc in listeners]
+    finally:
+        await server.close()
+
+
+def lstats(server: ProxyServer, name: str = "l0") -> dict[str, Any]:
+    return server.stats()["listeners"][name]  # type: ignore[index]
+
+
+async def connect_from(addr: tuple[str, int], source_ip: str) -> Client:
+    sock = socket.socket()
+    sock.bind((source_ip, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, addr)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    return Client(reader, writer)
+
+
+def gated_handler(gate: asyncio.Event) -> Any:
+    async def handler(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
+        if req.target.startswith("/slow"):
+            await gate.wait()
+        return await default_handler(req, reader, writer, conn_no)
+
+    return handler
+
+
+# --------------------------------------------------------------------------------- connection limits
+def test_listener_maxconn_answers_503_and_counts() -> None:
+    async def main() -> None:
+        async with backends(None) as (be,), serve(pool_of([be.port]), maxconn=0) as (server, _):
+            pass
+        async with backends(None) as (be,):
+            pool = pool_of([be.port])
+            listener = ListenerConfig(name="l0", bind=HostPort("127.0.0.1", 0), pool="app", maxconn=2)
+            server = ProxyServer([listener], {"app": pool})
+            await server.start()
+            try:
+                addr = server.address("l0")
+                a, b = await Client.connect(addr), await Client.connect(addr)
+                assert (await a.get("/")).status == 200 and (await b.get("/")).status == 200
+                c = await Client.connect(addr)
+                resp = await c.get("/")
+                assert resp.status == 503 and b"listener_maxconn" in resp.body
+                assert resp.get("connection") == "close" and await c.at_eof()
+                stats = lstats(server)
+                assert stats["rejected"] == {"listener_maxconn": 1}
+                assert stats["connections_limit"] == 2
+                a.close()
+                await poll(lambda: lstats(server)["client_connections_active"] == 1)
+                d = await Client.connect(addr)
+                assert (await d.get("/")).status == 200  # a slot is free again
+                assert (await b.get("/again")).status == 200  # admitted connections are unaffected
+            finally:
+                await server.close()
+
+    run(main)
+
+
+def test_maxconn_per_ip_only_limits_that_address() -> None:
+    async def main() -> None:
+        async with backends(None) as (be,), serve(pool_of([be.port]), maxconn_per_ip=1) as (server, addrs):
+            first = await connect_from(addrs[0], "127.0.0.1")
+            assert (await first.get("/")).status == 200
+            second = await connect_from(addrs[0], "127.0.0.1")
+            resp = await second.get("/")
+            assert resp.status == 503 and b"maxconn_per_ip" in resp.body
+            other = await connect_from(addrs[0], "127.0.0.2")  # another client address: still served
+            assert (await other.get("/")).status == 200
+            assert lstats(server)["rejected"] == {"maxconn_per_ip": 1}
+            first.close()
+            await poll(lambda: lstats(server)["client_connections_active"] == 1)
+            again = await connect_from(addrs[0], "127.0.0.1")
+            assert (await again.get("/")).status == 200
+
+    run(main)
+
+
+def test_node_maxconn_spans_listeners_and_tcp_rejections_close() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = backend.sockets[0].getsockname()[1]
+        try:
+            async with serve(pool_of([port]), "tcp", "tcp", maxconn=2) as (server, (a_addr, b_addr)):
+                a = await Client.connect(a_addr)
+                b = await Client.connect(b_addr)
+                for client in (a, b):
+                    client.writer.write(b"ping")
+                    assert await client.reader.readexactly(4) == b"ping"
+                c = await Client.connect(b_addr)
+                assert await c.at_eof()  # refused: closed without a byte
+                assert lstats(server, "l1")["rejected"] == {"node_maxconn": 1}
+                assert server.stats()["connections"] == {"current": 2, "limit": 2}  # type: ignore[index]
+                a.close()
+                await poll(lambda: server.gate.current == 1)
+                d = await Client.connect(a_addr)
+                d.writer.write(b"pong")
+                assert await d.reader.readexactly(4) == b"pong"
+        finally:
+            backend.close()
+
+    run(main)
+
+
+def test_automatic_node_maxconn_follows_the_fd_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    server = ProxyServer([], {})
+    assert 64 <= server.gate.limit <= max(64, soft // 2)
+    assert ProxyServer([], {}, maxconn=10, workers=3).gate.limit == 4  # each worker's share, rounded up
+
+
+# ------------------------------------------------------------------------------- backend maxconn queue
+def test_backend_maxconn_queues_requests_in_order() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+        async with backends(gated_handler(gate)) as (be,):
+            pool = pool_of([be.port], maxconn=1, queue_timeout=5.0)
+            async with serve(pool) as (server, (addr,)):
+                slow = await Client.connect(addr)
+                slow.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+                await poll(lambda: pool.backends[0].active_connections == 1)
+                waiting = [await Client.connect(addr) for _ in range(2)]
+                for i, client in enumerate(waiting):
+                    client.writer.write(f"GET /q{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                    await poll(lambda i=i: lstats(server)["queued"] == i + 1)
+                assert len(be.requests) == 1  # nothing else reached the backend
+                gate.set()
+                assert (await read_response(slow.reader)).status == 200
+                bodies = [(await read_response(c.reader)).body for c in waiting]
+                assert bodies == [b"GET /q0 0", b"GET /q1 0"]
+                assert [r.target for r in be.requests] == ["/slow", "/q0", "/q1"]  # FIFO
+                stats = lstats(server)
+                assert stats["queued_total"] == 2 and stats["queued"] == 0
+                assert pool.backends[0].active_connections == 0
+
+    run(main)
+
+
+def test_queue_timeout_and_full_queue_answer_503() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+        async with backends(gated_handler(gate)) as (be,):
+            pool = pool_of([be.port], maxconn=1, maxqueue=1, queue_timeout=0.3)
+            async with serve(pool) as (server, (addr,)):
+                slow = await Client.connect(addr)
+                slow.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+                await poll(lambda: pool.backends[0].active_connections == 1)
+                queued = await Client.connect(addr)
+                queued.writer.write(b"GET /q HTTP/1.1\r\nHost: t\r\n\r\n")
+                await poll(lambda: lstats(server)["queued"] == 1)
+                over = await Client.connect(addr)
+                resp = await over.get("/over")
+                assert resp.status == 503 and b"queue is full" in resp.body
+                resp = await read_response(queued.reader)
+                assert resp.status == 503 and b"queue timeout" in resp.body
+                assert (await queued.get("/next")).status == 503  # keep-alive: the connection is usable
+                gate.set()
+                assert (await read_response(slow.reader)).status == 200
+                assert (await queued.get("/after")).status == 200
+                stats = lstats(server)
+                assert stats["queue_full_total"] == 1 and stats["queue_timeouts_total"] == 2
+                assert [r.target for r in be.requests] == ["/slow", "/after"]
+
+    run(main)
+
+
+def test_backend_maxconn_spreads_to_backends_with_free_slots() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+        async with backends(gated_handler(gate), gated_handler(gate)) as (b0, b1):
+            pool = pool_of([b0.port, b1.port], backend_kw={"maxconn": 1})
+            async with serve(pool) as (server, (addr,)):
+                clients = [await Client.connect(addr) for _ in range(3)]
+                for client in clients:
+                    client.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+                await poll(lambda: lstats(server)["queued"] == 1)
+                assert [b.active_connections for b in pool.backends] == [1, 1]
+                gate.set()
+                for client in clients:
+                    assert (await read_response(client.reader)).status == 200
+                assert len(b0.requests) + len(b1.requests) == 3
+
+    run(main)
+
+
+def test_client_leaving_the_queue_does_not_leak_the_slot() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+        async with backends(gated_handler(gate)) as (be,):
+            pool = pool_of([be.port], maxconn=1, queue_timeout=5.0)
+            async with serve(pool) as (server, (addr,)):
+                slow = await Client.connect(addr)
+                slow.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+                await poll(lambda: pool.backends[0].active_connections == 1)
+                leaver = await Client.connect(addr)
+                leaver.writer.write(b"GET /gone HTTP/1.1\r\nHost: t\r\n\r\n")
+                await poll(lambda: lstats(server)["queued"] == 1)
+                leaver.close()
+                await poll(lambda: lstats(server)["queued"] == 0)
+                gate.set()
+                assert (await read_response(slow.reader)).status == 200
+                late = await Client.connect(addr)
+                assert (await late.get("/late")).status == 200
+                assert [r.target for r in be.requests] == ["/slow", "/late"]
+
+    run(main)
+
+
+def test_tcp_backend_maxconn_holds_the_next_connection_until_a_slot_frees() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = backend.sockets[0].getsockname()[1]
+        try:
+            pool = pool_of([port], maxconn=1, queue_timeout=5.0)
+            async with serve(pool, "tcp") as (server, (addr,)):
+                first = await Client.connect(addr)
+                first.writer.write(b"one")
+                assert await first.reader.readexactly(3) == b"one"
+                second = await Client.connect(addr)
+                second.writer.write(b"two")
+                await poll(lambda: lstats(server)["queued"] == 1)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(second.reader.readexactly(3), 0.2)
+                first.writer.write_eof()
+                assert await first.at_eof()
+                assert await second.reader.readexactly(3) == b"two"
+                assert lstats(server)["queued_total"] == 1
+        finally:
+            backend.close()
+
+    run(main)

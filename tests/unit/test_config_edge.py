@@ -1,0 +1,113 @@
+"""The limit and TLS keys of the configuration: defaults, HAProxy-like shapes, and precise errors."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from halb.config import load
+from halb.errors import ConfigError
+from tests.certs import make_cert
+
+
+def config(tmp_path: Path, node: str = "", listener: str = "", pool: str = "", backend: str = "") -> Path:
+    path = tmp_path / "halb.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [node]
+            name = "lb1"
+            {node}
+
+            [[listeners]]
+            name = "web"
+            bind = "127.0.0.1:8443"
+            pool = "app"
+            {listener}
+
+            [pools.app]
+            backends = [{{ name = "a", address = "127.0.0.1:9001" {backend} }}]
+            {pool}
+            """
+        )
+    )
+    return path
+
+
+def error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    return str(info.value)
+
+
+def test_defaults_mean_no_limit_and_no_tls(tmp_path: Path) -> None:
+    cfg = load(config(tmp_path))
+    assert cfg.node.maxconn == 0
+    (lc,) = cfg.listeners
+    assert (lc.maxconn, lc.maxconn_per_ip, lc.tls) == (0, 0, None)
+    pool = cfg.pools["app"]
+    assert (pool.maxconn, pool.maxqueue, pool.queue_timeout) == (0, 1024, None)
+    assert pool.effective_queue_timeout == pool.connect_timeout
+    assert pool.backends[0].maxconn is None
+
+
+def test_limit_keys(tmp_path: Path) -> None:
+    cfg = load(
+        config(
+            tmp_path,
+            node="maxconn = 20000",
+            listener="maxconn = 5000\nmaxconn_per_ip = 50",
+            pool="maxconn = 100\nmaxqueue = 10\nqueue_timeout = 1.5",
+            backend=", maxconn = 7",
+        )
+    )
+    assert cfg.node.maxconn == 20000
+    assert (cfg.listeners[0].maxconn, cfg.listeners[0].maxconn_per_ip) == (5000, 50)
+    pool = cfg.pools["app"]
+    assert (pool.maxconn, pool.maxqueue, pool.effective_queue_timeout) == (100, 10, 1.5)
+    assert pool.backends[0].maxconn == 7
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({"node": "maxconn = -1"}, "node.maxconn: must be >= 0"),
+        ({"listener": "maxconn_per_ip = 1.5"}, "listeners[0].maxconn_per_ip: expected an integer"),
+        ({"pool": "queue_timeout = 0"}, "pools.app.queue_timeout: must be >= 0.001"),
+        ({"backend": ', maxconn = "x"'}, "pools.app.backends[0].maxconn: expected an integer"),
+        ({"listener": "max_conn = 3"}, "listeners[0].max_conn: unknown key"),
+    ],
+)
+def test_limit_errors_name_file_key_and_problem(tmp_path: Path, kw: dict[str, str], expected: str) -> None:
+    message = error(config(tmp_path, **kw))
+    assert "halb.toml" in message and expected in message
+
+
+def test_tls_table(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path, "site")
+    cfg = load(config(tmp_path, listener=f'tls = {{ cert = "{cert}", key = "{key}", min_version = "1.3" }}'))
+    tls = cfg.listeners[0].tls
+    assert tls is not None and (tls.cert, tls.key, tls.min_version) == (str(cert), str(key), "1.3")
+
+
+def test_tls_errors_name_the_key(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path, "site")
+    other_cert, other_key = make_cert(tmp_path, "other")
+
+    def tls(text: str) -> str:
+        return error(config(tmp_path, listener=f"tls = {{ {text} }}"))
+
+    assert "listeners[0].tls.cert: is required" in tls(f'key = "{key}"')
+    assert "listeners[0].tls.cert: must be an absolute path" in tls(f'cert = "site.crt", key = "{key}"')
+    assert "does not exist" in tls(f'cert = "{tmp_path}/nope.crt", key = "{key}"')
+    assert "listeners[0].tls.key: " in tls(f'cert = "{cert}", key = "{other_key}"')
+    assert "does not match" in tls(f'cert = "{cert}", key = "{other_key}"')
+    assert "listeners[0].tls.cert: " in tls(f'cert = "{key}", key = "{key}"')
+    assert "listeners[0].tls.min_version: must be one of" in tls(
+        f'cert = "{cert}", key = "{key}", min_version = "1.0"'
+    )
+    assert "listeners[0].tls.ciphers: " in tls(f'cert = "{cert}", key = "{key}", ciphers = "NOPE"')
+    assert "listeners[0].tls.extra: unknown key" in tls(f'cert = "{cert}", key = "{key}", extra = 1')
+    assert other_cert.exists()
