@@ -4,18 +4,21 @@
 How this works: the script starts nginx (Debian's) as a fast backend answering a small fixed body, then
 one halb node (`halb serve`, one worker) and one HAProxy (`nbthread 1`), each with an HTTP listener and a
 TCP listener in front of that nginx. halb (control process and worker) and HAProxy are pinned with
-`taskset` to the same core (`--proxy-cpu`); wrk and nginx share the other one (`--client-cpu`). Only one
-proxy is loaded at a time. For each cell it runs wrk for `--duration` seconds (after a short warm-up) and
-reads req/s, the p99 latency and the errors; it also reads the proxy's CPU time from /proc before and
-after, so the table shows whether the proxy's core was the bottleneck (near 100%) or the client side was.
+`taskset` to the same core (`--proxy-cpu`); wrk and nginx share the other one (`--client-cpu`). Both
+proxies stay up; for each cell wrk loads halb, then HAProxy right after (so both see the same machine),
+`--rounds` times, for `--duration` seconds after a short warm-up; the median run is kept. Each run
+reads req/s, the p99 latency and the errors from wrk, and the proxy's CPU time from /proc, so the table
+shows whether the proxy's core was the bottleneck (near 100%) or the client side was, and how many
+requests each proxy serves per CPU-second.
 
 Cells: HTTP keep-alive, HTTP with a new connection per request (`Connection: close`), TCP keep-alive
 (HTTP keep-alive through the TCP relay) and TCP with a new connection per request, for halb and HAProxy,
 plus nginx reached directly (the ceiling). The ratio column is halb/HAProxy req/s.
 
-Usage: `python bench/run.py` (about 3 minutes), `python bench/run.py --quick` (a smoke run of ~20 s that
-only proves the harness works), `--json FILE` to also write the results. Every process it starts runs in
-its own session and is killed at exit, also on errors and Ctrl-C. Traffic goes to 127.0.0.1 only.
+Usage: `python bench/run.py` (about 2.5 minutes; `--rounds 3` for the published figures), `--quick` (a
+smoke run of ~15 s that only proves the harness works), `--json FILE` to also write the results. Every
+process it starts runs in its own session and is killed at exit, also on errors and Ctrl-C. Traffic goes
+to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -349,6 +352,12 @@ def started(procs: Processes, name: str, args: list[str], port: int) -> Iterator
         procs.stop(proc)
 
 
+def median_cell(runs: list[Cell]) -> Cell:
+    """The run with the median req/s (its p99 and CPU come with it)."""
+    ordered = sorted(runs, key=lambda c: c.rps)
+    return ordered[len(ordered) // 2]
+
+
 def run(args: argparse.Namespace) -> list[Cell]:
     for tool in ("nginx", "haproxy", "wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -367,37 +376,44 @@ def run(args: argparse.Namespace) -> list[Cell]:
 
             print("nginx directly (the ceiling):", file=sys.stderr)
             for pattern in patterns:
-                cells.append(run_cell(Cell("nginx", "direct", pattern), backend_port, None, args))
+                runs = [run_cell(Cell("nginx", "direct", pattern), backend_port, None, args)]
+                cells.append(median_cell(runs))
 
-            http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
-            (tmp / "halb.toml").write_text(halb_conf(admin_port, http_port, tcp_port, backend_port))
+            # Both proxies run side by side (an idle one costs nothing); each cell is measured for halb
+            # and then for HAProxy straight after, `--rounds` times, so both see the same conditions.
+            halb_http, halb_tcp, admin_port = free_port(), free_port(), free_port()
+            (tmp / "halb.toml").write_text(halb_conf(admin_port, halb_http, halb_tcp, backend_port))
             halb_cmd = ["taskset", "-c", str(args.proxy_cpu), sys.executable, "-m", "halb", "serve"]
-            with started(procs, "halb", [*halb_cmd, str(tmp / "halb.toml")], http_port) as halb:
-                wait_http(f"http://127.0.0.1:{admin_port}/healthz", halb)
-                print("halb:", file=sys.stderr)
-                for mode, port in (("http", http_port), ("tcp", tcp_port)):
-                    for pattern in patterns:
-                        cells.append(run_cell(Cell("halb", mode, pattern), port, halb.pid, args))
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status", timeout=2) as r:
-                    status = json.loads(r.read())
-                (tmp / "halb-status.json").write_text(json.dumps(status, indent=1))
-
-            http_port, tcp_port = free_port(), free_port()
-            (tmp / "haproxy.cfg").write_text(haproxy_conf(http_port, tcp_port, backend_port))
+            halb = procs.start("halb", [*halb_cmd, str(tmp / "halb.toml")])
+            wait_port(halb_http, halb)
+            wait_http(f"http://127.0.0.1:{admin_port}/healthz", halb)
+            hap_http, hap_tcp = free_port(), free_port()
+            (tmp / "haproxy.cfg").write_text(haproxy_conf(hap_http, hap_tcp, backend_port))
             haproxy_cmd = ["taskset", "-c", str(args.proxy_cpu), "haproxy", "-db", "-f"]
-            with started(procs, "haproxy", [*haproxy_cmd, str(tmp / "haproxy.cfg")], http_port) as hap:
-                print("HAProxy:", file=sys.stderr)
-                for mode, port in (("http", http_port), ("tcp", tcp_port)):
-                    for pattern in patterns:
-                        cells.append(run_cell(Cell("haproxy", mode, pattern), port, hap.pid, args))
+            hap = procs.start("haproxy", [*haproxy_cmd, str(tmp / "haproxy.cfg")])
+            wait_port(hap_http, hap)
+
+            targets = {
+                "halb": (halb.pid, {"http": halb_http, "tcp": halb_tcp}),
+                "haproxy": (hap.pid, {"http": hap_http, "tcp": hap_tcp}),
+            }
+            print("halb and HAProxy, cell by cell:", file=sys.stderr)
+            for mode in ("http", "tcp"):
+                for pattern in patterns:
+                    runs: dict[str, list[Cell]] = {"halb": [], "haproxy": []}
+                    for _ in range(args.rounds):
+                        for target, (pid, ports) in targets.items():
+                            cell = run_cell(Cell(target, mode, pattern), ports[mode], pid, args)
+                            runs[target].append(cell)
+                    cells.extend(median_cell(r) for r in runs.values())
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status", timeout=2) as r:
+                (tmp / "halb-status.json").write_bytes(r.read())
         finally:
             procs.close()
             if args.keep_logs:
                 dest = Path(args.keep_logs)
                 dest.mkdir(parents=True, exist_ok=True)
-                for f in tmp.glob("*.log"):
-                    shutil.copy(f, dest / f.name)
-                for f in tmp.glob("*.json"):
+                for f in [*tmp.glob("*.log"), *tmp.glob("*.json")]:
                     shutil.copy(f, dest / f.name)
     return cells
 
@@ -412,10 +428,13 @@ def table(cells: list[Cell]) -> str:
     def cpu(c: Cell | None) -> str:
         return f"{c.cpu_pct:.0f}%" if c is not None and c.cpu_pct is not None else "-"
 
+    def per_cpu(c: Cell | None) -> float:
+        return c.rps / (c.cpu_pct / 100) if c is not None and c.cpu_pct else 0.0
+
     lines = [
         "| cell | halb req/s | halb p99 | HAProxy req/s | HAProxy p99 | halb/HAProxy "
-        "| halb CPU | HAProxy CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| halb CPU | HAProxy CPU | halb/HAProxy per CPU-second |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode in ("http", "tcp"):
         for pattern in ("keep-alive", "new-conn"):
@@ -423,14 +442,17 @@ def table(cells: list[Cell]) -> str:
             if h is None or p is None:
                 continue
             ratio = h.rps / p.rps if p.rps else 0.0
+            efficiency = per_cpu(h) / per_cpu(p) if per_cpu(p) else 0.0
             lines.append(
                 f"| {mode.upper()} {pattern} | {h.rps:,.0f} | {h.p99_ms:.2f} ms | {p.rps:,.0f} | "
-                f"{p.p99_ms:.2f} ms | **{ratio:.2f}x** | {cpu(h)} | {cpu(p)} |"
+                f"{p.p99_ms:.2f} ms | **{ratio:.2f}x** | {cpu(h)} | {cpu(p)} | {efficiency:.2f}x |"
             )
     for pattern in ("keep-alive", "new-conn"):
         d = find("nginx", "direct", pattern)
         if d is not None:
-            lines.append(f"| nginx direct {pattern} (ceiling) | {d.rps:,.0f} | {d.p99_ms:.2f} ms | | | | | |")
+            lines.append(
+                f"| nginx direct {pattern} (ceiling) | {d.rps:,.0f} | {d.p99_ms:.2f} ms | | | | | | |"
+            )
     errors = [c for c in cells if c.errors or c.non_2xx]
     if errors:
         lines.append("")
@@ -448,13 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per cell (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each cell")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure each cell N times, keep the median")
     parser.add_argument("--proxy-cpu", type=int, default=1, help="core for halb and HAProxy (default 1)")
     parser.add_argument("--client-cpu", type=int, default=0, help="core for wrk and nginx (default 0)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--keep-logs", help="copy the processes' logs to this directory")
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.warmup = 1.0, 0.0
+        args.duration, args.warmup, args.rounds = 1.0, 0.0, 1
     command = shlex.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     info = machine()
 
@@ -469,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- command: `python {command}`")
     print(
         f"- wrk: 1 thread, {args.connections} connections, {args.duration:g} s per cell "
-        f"(after {args.warmup:g} s warm-up), on CPU {args.client_cpu} with nginx; "
+        f"(after {args.warmup:g} s warm-up), median of {args.rounds} round(s), on CPU {args.client_cpu} "
+        "with nginx; "
         f"halb (1 worker) and HAProxy (nbthread 1) on CPU {args.proxy_cpu}"
     )
     print()

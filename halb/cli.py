@@ -54,9 +54,13 @@ def check(config_path: str) -> None:
     """Validate a configuration file and exit (0 = valid, 2 = invalid)."""
     config = _load_or_exit(config_path)
     backends = sum(len(p.backends) for p in config.pools.values())
+    cluster = ""
+    if config.cluster is not None:
+        c = config.cluster
+        cluster = f", cluster member {c.address} ({c.role}, {len(c.peers)} peer(s))"
     click.echo(
         f"{config_path}: valid: node {config.node.name}, {len(config.listeners)} listener(s), "
-        f"{len(config.pools)} pool(s), {backends} backend(s)"
+        f"{len(config.pools)} pool(s), {backends} backend(s){cluster}"
     )
 
 

@@ -10,9 +10,10 @@ check that for every node.
 the node's position (150, 140, ...), advert_interval, and virtual_ips = [vip] -- a bare address, which the
 loader makes a /32 like keepalived's `virtual_ipaddress` without a mask. Tracking keeps its default weight
 of 50, more than the 10-point gap, so a balancer whose pool is empty hands the VIP to the next one.
-Sections the loader does not know yet are switched on by a flag on the spec, so the same spec keeps
-working while the loader grows: Redis is carried on the spec but only mentioned in a comment until the
-loader has a section for it.
+With `redis` on the spec ("host:port", the lab's and Vagrant's Redis host) every balancer gets a
+`[state]` table (`url = "redis://host:port/0"`) and the pool gets `sticky = { mode = <spec.sticky> }`
+("cookie" by default: a session cookie HALBSID mapped to its backend in Redis, so sessions survive a VIP
+move); `sticky=None` leaves stickiness off, and no `redis` leaves both out.
 
 `cluster=True` (the default) adds a `[cluster]` table to every node: its Raft address
 (`<address>:raft_port`), the other members as peers (the witness included), the shared `secret` and
@@ -68,7 +69,8 @@ class ClusterSpec:
     listen_port: int = 80
     admin_port: int = 9901
     algorithm: str = "round_robin"
-    redis: str | None = None  # "host:port"; used once the loader has a state section
+    redis: str | None = None  # "host:port": [state] url = "redis://host:port/0"
+    sticky: str | None = "cookie"  # the pool's sticky mode when redis is set ("cookie" | "source_ip" | None)
     witness: NodeSpec | None = None  # a Raft-only vote: no proxy, no VIP
     workers: int = 1
     drain_timeout: float = 10.0
@@ -188,7 +190,7 @@ def node_config(spec: ClusterSpec, node_name: str) -> str:
         f"# cluster: balancers {', '.join(n.name for n in spec.lbs)}; VIP {spec.vip}/{spec.prefix_len}",
     ]
     if spec.redis:
-        lines.append(f"# redis: {spec.redis} (sessions and rate limits, once the loader has a section)")
+        lines.append(f"# redis: {spec.redis} (sticky sessions and rate limits)")
     if spec.witness is not None:
         lines.append(f"# witness: {spec.witness.name} at {spec.witness.address}")
     lines += [
@@ -213,6 +215,10 @@ def node_config(spec: ClusterSpec, node_name: str) -> str:
         f"health = {{ kind = {_q(h.kind)}, path = {_q(h.path)}, interval = {_num(h.interval)}, "
         f"timeout = {_num(h.timeout)}, rise = {h.rise}, fall = {h.fall} }}",
     ]
+    if spec.redis and spec.sticky:
+        lines.append(f"sticky = {{ mode = {_q(spec.sticky)} }}")
+    if spec.redis:
+        lines += ["", "[state]", f"url = {_q('redis://' + spec.redis + '/0')}"]
     if spec.vrrp:
         lines += [
             "",

@@ -33,6 +33,13 @@ from halb.config_model import (
     TrackConfig,
     VrrpSettings,
 )
+from halb.config_state import (
+    check_references,
+    listener_ratelimits,
+    parse_ratelimits,
+    parse_state,
+    parse_sticky,
+)
 from halb.errors import ConfigError
 
 
@@ -185,6 +192,7 @@ def _listener(r: Reader) -> ListenerConfig:
         maxconn=r.int("maxconn", 0, lo=0, hi=10_000_000),
         maxconn_per_ip=r.int("maxconn_per_ip", 0, lo=0, hi=10_000_000),
         tls=_tls(r.sub("tls")),
+        ratelimits=listener_ratelimits(r),  # [state]/[ratelimits] keys: halb.config_state
     )
     r.done()
     return listener
@@ -334,6 +342,7 @@ def _pool(name: str, r: Reader) -> PoolConfig:
         maxconn=r.int("maxconn", 0, lo=0, hi=10_000_000),
         maxqueue=r.int("maxqueue", 1024, lo=0, hi=10_000_000),
         queue_timeout=r.float("queue_timeout", lo=0.001) if r.has("queue_timeout") else None,
+        sticky=parse_sticky(r.sub("sticky")),
     )
     r.done()
     return pool
@@ -543,7 +552,7 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
     cluster = _cluster(top.sub("cluster"))
     witness = cluster is not None and cluster.is_witness
     if witness:
-        for key in ("listeners", "pools", "vrrp"):
+        for key in ("listeners", "pools", "vrrp", "state", "ratelimits"):
             if top.has(key):
                 top.fail(
                     key, 'not allowed with cluster.role = "witness" (a witness runs no proxy, holds no VIP)'
@@ -578,12 +587,22 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
         binds[listener.bind] = listener.name
         listeners.append(listener)
     vrrp = _vrrp(top.sub("vrrp"))
+    state = parse_state(top.sub("state"))
+    ratelimits = parse_ratelimits(top.sub("ratelimits"))
     top.done()
+    check_references(lambda key, problem: top.fail(key, problem), listeners, pools, state, ratelimits)
     _check_addresses(source, node, listeners)
     if cluster is not None and cluster.address == node.admin:
         raise ConfigError(source, "cluster.address", f"{cluster.address} is also node.admin")
     return Config(
-        source=source, node=node, listeners=tuple(listeners), pools=pools, vrrp=vrrp, cluster=cluster
+        source=source,
+        node=node,
+        listeners=tuple(listeners),
+        pools=pools,
+        vrrp=vrrp,
+        cluster=cluster,
+        state=state,
+        ratelimits=ratelimits,
     )
 
 

@@ -52,6 +52,7 @@ class ListenerConfig:
     maxconn: int = 0  # client connections of this listener (HAProxy's frontend maxconn); 0 = no limit
     maxconn_per_ip: int = 0  # client connections from one source address; 0 = no limit
     tls: TlsConfig | None = None  # terminate TLS on this listener; backends get plain HTTP/TCP
+    ratelimits: tuple[str, ...] = ()  # names of [ratelimits.NAME] rules, checked in order (HTTP only)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,26 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class StickyConfig:
+    """`sticky = {...}` on a pool: which backend a session goes to is kept in the shared store ([state]).
+
+    mode "cookie": halb issues an opaque session id in cookie `name`; "source_ip": the client address is the
+    session; "header": the value of request header `name` is (requests without it are not sticky).
+    `ttl` is the mapping's idle lifetime in the store (it slides on every request). The cookie attributes
+    (path, domain, secure, httponly, samesite) only matter in cookie mode.
+    """
+
+    mode: str = "cookie"  # "cookie" | "source_ip" | "header"
+    name: str = "HALBSID"  # cookie name (cookie mode) or header name (header mode)
+    ttl: float = 1800.0
+    path: str = "/"
+    domain: str = ""
+    secure: bool = False
+    httponly: bool = True
+    samesite: str = "Lax"  # "Lax" | "Strict" | "None" | "" (attribute left out)
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     name: str
     backends: tuple[BackendConfig, ...]
@@ -107,6 +128,7 @@ class PoolConfig:
     maxconn: int = 0
     maxqueue: int = 1024
     queue_timeout: float | None = None
+    sticky: StickyConfig | None = None  # sticky sessions (HTTP listeners; needs [state])
 
     @property
     def effective_queue_timeout(self) -> float:
@@ -186,6 +208,74 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """The optional `[state]` table: the Redis that holds sticky sessions and rate-limit buckets.
+
+    Exactly one of `url` and `sentinels`. The fields mirror `halb.state.redis_store.RedisSettings` (which
+    documents the timeouts, the retry policy and the circuit breaker); `ping_interval` is how often each
+    worker pings the store (drives recovery while no request comes). Secrets stay out of repr().
+    """
+
+    url: str = field(default="", repr=False)  # redis://[:password@]host:port/db | rediss://... | unix://...
+    sentinels: tuple[HostPort, ...] = ()
+    service_name: str = "mymaster"
+    password: str | None = field(default=None, repr=False)
+    sentinel_password: str | None = field(default=None, repr=False)
+    db: int = 0  # Sentinel mode (with url: the URL's path)
+    connect_timeout: float = 0.1
+    socket_timeout: float = 0.1
+    call_timeout: float = 0.25
+    retries: int = 1
+    backoff_base: float = 0.005
+    backoff_cap: float = 0.025
+    max_connections: int = 64
+    failure_threshold: int = 2
+    open_min: float = 0.5
+    open_max: float = 2.0
+    sentinel_check_interval: float = 1.0
+    key_prefix: str = "halb:"
+    ping_interval: float = 1.0
+
+    @property
+    def target(self) -> str:
+        """Where the store is, for status pages (no password)."""
+        if self.sentinels:
+            return f"sentinel {self.service_name} via {', '.join(str(s) for s in self.sentinels)}"
+        scheme, sep, rest = self.url.partition("://")
+        return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+
+
+@dataclass(frozen=True)
+class RateLimitTierConfig:
+    """A tier of a rate-limit rule: its own rate and burst for the listed keys."""
+
+    name: str
+    rate: float
+    burst: float
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """`[ratelimits.NAME]`: one rate-limit rule, referenced by listeners (`ratelimits = ["NAME"]`).
+
+    `key`: "client_ip", "header:NAME" (requests without the header are counted by client IP) or
+    "path_prefix" (one bucket per entry of `paths`). `paths`: the rule applies only to requests whose path
+    starts with one of these ([] = every request). Counted cluster-wide in [state]'s Redis; while it is
+    unreachable (or without [state]) each node counts alone, with rate and burst scaled by `local_share`.
+    """
+
+    name: str
+    rate: float  # requests per second
+    burst: float  # token bucket capacity / leaky bucket queue length (>= 1)
+    algorithm: str = "token_bucket"  # "token_bucket" | "leaky_bucket"
+    key: str = "client_ip"
+    paths: tuple[str, ...] = ()
+    tiers: tuple[RateLimitTierConfig, ...] = ()
+    local_share: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     source: str  # the file it came from, for messages
     node: NodeConfig
@@ -193,3 +283,5 @@ class Config:
     pools: dict[str, PoolConfig]
     vrrp: VrrpSettings | None = None  # the optional [vrrp] table
     cluster: ClusterSettings | None = None  # the optional [cluster] table
+    state: StateConfig | None = None  # the optional [state] table (Redis)
+    ratelimits: dict[str, RateLimitConfig] = field(default_factory=dict)  # [ratelimits.NAME]

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from halb import state_report
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -153,6 +155,7 @@ class StatusCollector(Collector):
         restarts.add_metric([node], doc["node"]["worker_restarts_total"])
         yield restarts
         yield from _vrrp_metrics(node, doc.get("vrrp"))
+        yield from state_report.metrics(node, doc.get("state"))  # [state]: degraded, fallbacks, 429s
 
 
 VRRP_STATES = ("MASTER", "BACKUP", "FAULT", "STOP", "INIT")

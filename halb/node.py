@@ -38,7 +38,7 @@ import socket
 import time
 from typing import Any
 
-from halb import __version__
+from halb import __version__, state_report
 from halb.admin import AdminServer
 from halb.cluster.api import ClusterApi
 from halb.cluster.keeper import LeaseKeeper
@@ -317,6 +317,12 @@ class Node:
             doc["vrrp"] = {"instances": [self.vrrp.snapshot()]}
         if self.cluster is not None:
             doc["cluster"] = self._cluster_status()
+        # [state]/[ratelimits]: the store's health as the workers see it, sticky and 429 counters
+        state = state_report.aggregate(
+            self.config, self.supervisor.state_reports(), self.supervisor.retired_state
+        )
+        if state is not None:
+            doc["state"] = state
         return doc
 
     # --- cluster: Raft member, shared configuration, VIP lease (halb.cluster) ----------------------

@@ -59,6 +59,10 @@ def render_node(doc: dict[str, Any]) -> Panel:
         parts.extend(render_cluster(doc["cluster"]))
     if doc.get("vrrp"):
         parts.append(render_vrrp(doc["vrrp"]))
+    if doc.get("state"):  # [state]: the shared store, "DEGRADED" in bold red (halb.state_report)
+        from halb.state_report import render as render_state
+
+        parts.append(render_state(doc["state"]))
     if not doc["listeners"] and not doc["pools"]:  # a witness: Raft only
         return Panel(Group(*parts), title=f"[b]{node['name']}[/b] {doc['admin']}", border_style=state_style)
     listeners = Table(title="listeners", title_justify="left", expand=False, box=None, pad_edge=False)

@@ -45,6 +45,7 @@ def _die_with_parent() -> None:
 class Worker:
     def __init__(self, index: int, config: Config, writer: asyncio.StreamWriter) -> None:
         from halb.proxy.server import ProxyServer
+        from halb.proxy.sessions_hook import StateRuntime
 
         self.index = index
         self.config = config
@@ -52,8 +53,14 @@ class Worker:
         self.pools = build_pools(config)
         for pool in self.pools.values():
             pool.on_connect_failure = self._make_failure_reporter(pool.name)
+        # [state]/[ratelimits]: this worker's one store (Redis) and its rate limiters / sticky pools.
+        self.state = StateRuntime(config)
         self.server = ProxyServer(
-            list(config.listeners), self.pools, maxconn=config.node.maxconn, workers=config.node.workers
+            list(config.listeners),
+            self.pools,
+            maxconn=config.node.maxconn,
+            workers=config.node.workers,
+            state=self.state if self.state.active else None,
         )
         self.draining = asyncio.Event()
 
@@ -64,7 +71,7 @@ class Worker:
         return report
 
     def stats_message(self) -> dict[str, Any]:
-        return {
+        message = {
             "type": "stats",
             "index": self.index,
             "pid": os.getpid(),
@@ -72,6 +79,10 @@ class Worker:
             "pools": {name: {"no_backend_total": p.no_backend_total} for name, p in self.pools.items()},
             "listeners": self.server.stats()["listeners"],
         }
+        state = self.state.stats()
+        if state is not None:
+            message["state"] = state  # store status and sticky/rate-limit counters (halb.state_report)
+        return message
 
     def reload_tls(self) -> None:
         """SIGHUP (relayed by the control process): new TLS certificates for new connections."""
@@ -117,7 +128,9 @@ async def _serve(fd: int, index: int) -> int:
     except OSError as exc:
         ipc.send(writer, {"type": "error", "message": str(exc)})
         await writer.drain()
+        await worker.state.aclose()
         return 1
+    worker.state.start()  # pings the store every state.ping_interval
     ipc.send(writer, {"type": "ready", "index": index, "pid": os.getpid()})
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.draining.set)
@@ -136,6 +149,7 @@ async def _serve(fd: int, index: int) -> int:
     worker.server.stop_accepting()
     await worker.server.drain(config.node.drain_timeout)
     await worker.server.close()
+    await worker.state.aclose()  # the store is closed after the last request drained
     with contextlib.suppress(Exception):
         ipc.send(writer, worker.stats_message())
         await writer.drain()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from halb import ipc
+from halb import ipc, state_report
 from halb.config_model import Config, PoolConfig
 
 log = logging.getLogger("halb.workers")
@@ -55,6 +55,7 @@ class WorkerSupervisor:
         self.workers: dict[int, WorkerHandle] = {}
         self.retired: dict[tuple[str, str], dict[str, float]] = {}
         self.retired_listeners: dict[str, dict[str, Any]] = {}
+        self.retired_state: dict[str, Any] = {}  # [state] counters of dead workers (halb.state_report)
         self.stopping = False
         self.restarts_total = 0
         self._last_states: dict[tuple[str, str], tuple[Any, ...]] = {}
@@ -149,7 +150,12 @@ class WorkerSupervisor:
                     slot[key] = slot.get(key, 0) + value
                 elif isinstance(value, dict):  # counters by label (responses, bad_requests, rejected)
                     _add_counts(slot.setdefault(key, {}), value)
+        state_report.retire(self.retired_state, handle.stats.get("state"))
         handle.stats = {}
+
+    def state_reports(self) -> list[tuple[int, dict[str, Any]]]:
+        """Each live worker's last [state] report (store status, sticky and rate-limit counters)."""
+        return [(h.index, h.stats["state"]) for h in self.workers.values() if h.stats.get("state")]
 
     def reconfigure(self, pools: dict[str, PoolConfig]) -> None:
         """Changed pool definitions: to every live worker now, and in the config of workers started later.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -13,6 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.redis_servers import RedisServers, SentinelTopology, make_sentinel_topology
+
+log = logging.getLogger(__name__)
 
 REPORT: dict[str, list[str]] = {}
 
@@ -108,3 +113,46 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
         terminalreporter.section(section)
         for line in lines:
             terminalreporter.write_line(line)
+
+
+# --- Redis: shared by tests/state and tests/integration (processes: tests/redis_servers.py) ---------
+@pytest.fixture
+def redis_servers(tmp_path: Path) -> Iterator[RedisServers]:
+    servers = RedisServers(tmp_path)
+    try:
+        yield servers
+    finally:
+        servers.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis for the whole session: a container if Docker answers, else a local redis-server process."""
+    container = None
+    try:
+        from testcontainers.community.redis import RedisContainer
+
+        container = RedisContainer("redis:7-alpine")
+        container.start()
+    except Exception as exc:  # docker.errors.DockerException without an engine; ImportError without the extra
+        log.info("no Docker engine (%s): using a redis-server process", type(exc).__name__)
+        container = None
+    if container is not None:
+        try:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+        finally:
+            container.stop()
+        return
+    servers = RedisServers(tmp_path_factory.mktemp("redis"))
+    try:
+        yield servers.server().url
+    finally:
+        servers.cleanup()
+
+
+@pytest.fixture
+def sentinel_topology(redis_servers: RedisServers) -> SentinelTopology:
+    """A master, one replica and one sentinel (quorum 1, down-after 400 ms), all on loopback."""
+    return make_sentinel_topology(redis_servers)

@@ -36,6 +36,10 @@ every message; a member with a different secret simply fails the key exchange an
 silently. The transport counts those failed handshakes; when no member is reachable while handshakes
 fail, the status says "cannot authenticate with peers: check [cluster].secret" (and it is logged).
 
+**Stopping.** A leader that stops asks pysyncobj to hand leadership to the most caught-up follower first
+(`transferLeadership`, on pysyncobj's thread) and waits up to 1 s for it, so a rolling restart does not
+cost an election timeout per node.
+
 **Status.** A tick callback snapshots `getStatus()` on pysyncobj's thread every 0.1 s: leader as
 "host:port", term, commit index, quorum (this node plus reachable members form a majority), each
 member's reachability. `status()` returns the snapshot with its age.
@@ -294,6 +298,7 @@ class RaftMember:
         self._status: dict[str, Any] = {}
         self._status_at = 0.0
         self._auth_logged = False
+        self._transfer_requested = False
         self.members: dict[str, dict[str, Any]] = {}  # from the replicated state: name -> record
 
     # --- life cycle -------------------------------------------------------------------------------
@@ -334,6 +339,12 @@ class RaftMember:
         )
 
     async def stop(self) -> None:
+        """Hand leadership over (if we lead), then stop the member; the state stays in data_dir."""
+        if self._sync is not None and self._status.get("state") == "leader" and self.peer_ids:
+            self._transfer_requested = True  # done on pysyncobj's thread by `_on_tick`
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and self._status.get("leader") in (self.self_id, None):
+                await asyncio.sleep(0.02)
         sync, self._sync = self._sync, None
         if sync is not None:
             loop = asyncio.get_running_loop()
@@ -400,6 +411,9 @@ class RaftMember:
         sync = self._sync
         if sync is None:
             return
+        if self._transfer_requested:
+            self._transfer_requested = False
+            sync.transferLeadership()  # best effort: to the most caught-up connected follower
         try:
             self._status = self._build_status(sync, now)
         except Exception:  # never break pysyncobj's tick

@@ -8,14 +8,17 @@ MASTER on its admin API and no other one does (a peer without halb's admin API, 
 a balancer's namespace, is just not asked), and a request through the VIP has succeeded since.
 Then a round:
 
-1. a watcher thread listens on netlink in the other balancers' namespaces for the VIP being added;
-2. `control.kill(holder)` -- exactly `halb lab kill`: SIGKILL of `halb serve` and its workers (the lab's
+1. a pause of a random fraction of the advert interval, so that the kill lands at a random point of the
+   master's advert cycle (the backups' Master_Down_Timer was restarted by the last advert they got, so
+   the takeover time depends on that phase: between 2 and 3 intervals + Skew_Time);
+2. a watcher thread listens on netlink in the other balancers' namespaces for the VIP being added;
+3. `control.kill(holder)` -- exactly `halb lab kill`: SIGKILL of `halb serve` and its workers (the lab's
    supervisor then releases the VIP from the dead node's interface, as systemd's ExecStopPost would);
-3. wait for the first successful request *started* after the kill: **takeover** = its end - the kill.
+4. wait for the first successful request *started* after the kill: **takeover** = its end - the kill.
    **failed** = the requests that failed between the kill and that answer (the ones in flight at the kill
    included). The balancer that answered is the one whose MAC the client's neighbour entry for the VIP
    holds right then (the new master's gratuitous ARP moved it), the backend is the body of the answer;
-4. `control.start(holder)` (`halb lab start`), then wait until stable again *with the killed node as
+5. `control.start(holder)` (`halb lab start`), then wait until stable again *with the killed node as
    master* (it has the top priority and preempts): **restore** = start -> first good answer after that,
    and the requests that failed during the restart and the preemption are counted separately.
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import select
 import socket
 import statistics
@@ -363,8 +367,10 @@ def run(
     timeout: float = 1.0,
     echo: Echo = lambda _: None,
     stable_timeout: float = STABLE_TIMEOUT,
+    rng: random.Random | None = None,
 ) -> FailoverReport:
     """Kill the VIP holder `rounds` times under traffic; see the module docstring."""
+    rng = rng or random.Random()
     control.require_root()
     st = control.lab_state(prefix)
     if not st.options.get("vrrp", True):
@@ -388,6 +394,7 @@ def run(
             if report.master_down_interval is None:
                 downs = [(instances[n] or {}).get("master_down_interval") for n in backups]
                 report.master_down_interval = min((d for d in downs if d is not None), default=None)
+            time.sleep(rng.uniform(0.0, interval))  # kill at a random point of the advert cycle
             watch = VipWatch(st, backups)
             killed_at = time.monotonic()
             control.kill(prefix, holder)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from typing import TYPE_CHECKING
 
 from halb.backend import Backend
 from halb.balancing.base import Context
@@ -58,12 +59,16 @@ from halb.proxy.stats import HttpListenerStats
 from halb.proxy.tls import TlsTerminator
 from halb.proxy.upstream_pool import UpstreamPool
 
+if TYPE_CHECKING:
+    from halb.proxy.sessions_hook import ListenerHook, RequestSticky
+
 log = logging.getLogger("halb.proxy.http")
 
 REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
     414: b"URI Too Long",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
     502: b"Bad Gateway",
@@ -126,8 +131,10 @@ class HttpListener:
         gate: ListenerGate | None = None,
         queue: BackendQueue | None = None,
         tls: TlsTerminator | None = None,
+        sessions: ListenerHook | None = None,
     ) -> None:
         self.config = config
+        self.sessions = sessions  # [state] hook: rate limits + sticky sessions (halb.proxy.sessions_hook)
         self.pool = pool
         self.upstream = upstream
         self.tls = tls
@@ -149,6 +156,7 @@ class HttpListener:
             self._key_kind, self._key_name = 2, hash_key[7:].strip().encode()
         elif hash_key == "path":
             self._key_kind = 3
+        self.keyed = self._key_kind != 0  # hash_key() has something to extract from requests
 
     def protocol_factory(self) -> asyncio.Protocol:
         return HttpConnection(self)
@@ -241,6 +249,7 @@ class HttpConnection(Channel):
         self._pump_sent = 0
         self._pump_done_at: float | None = None
         self._t0 = 0.0  # when the current request's head was parsed
+        self.sticky: RequestSticky | None = None  # [state] hook: this request's sticky session, if any
 
     # --- protocol ------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -425,13 +434,20 @@ class HttpConnection(Channel):
             stats.bytes_in += n
         keep_ok = req.keep_alive and not listener.draining
         self._t0 = now = self.loop.time()
-        ctx = Context(self.client_ip, listener.hash_key(req), now)
+        ctx = Context(self.client_ip, listener.hash_key(req) if listener.keyed else "", now)
         # --- Per-request hooks go here, before a backend is chosen: the place for sticky sessions and
         # rate limits (a hook may answer the request itself, e.g. 429 via self._fail(), or pick the
         # backend). Then the pool's policy chooses, through the maxconn queue when the pool has one.
+        hook = listener.sessions
+        if hook is not None:  # [state] hook (halb.proxy.sessions_hook): rate limits, then sticky sessions
+            refusal = await hook.before_choose(self, req, ctx)
+            if refusal is not None:
+                return self._fail(refusal.status, refusal.message, req, rid, framer.done, refusal.headers)
         queue = listener.queue
         try:
-            if queue is None:
+            if self.sticky is not None:  # [state] hook: the session's backend replaces the policy's choice
+                backend = self.sticky.backend
+            elif queue is None:
                 backend = pool.choose(ctx)
             else:
                 backend = await self._choose_queued(queue, ctx)
@@ -504,6 +520,8 @@ class HttpConnection(Channel):
                 )
             backend, up, reused = got
             self.upstream_channel = up
+            if self.sticky is not None and listener.sessions is not None:  # [state] hook: mapping follows
+                listener.sessions.rehomed(self, backend)
             try:
                 return await self._relay(
                     req, backend, up, reused and may_resend, out_head, initial, framer, rid
@@ -664,6 +682,8 @@ class HttpConnection(Channel):
                 and (req.minor == 1 or not resp.chunked)
             )
             head = self._response_head(resp, rid, keep, req.minor)
+            if self.sticky is not None and self.sticky.cookie:  # [state] hook: a new session's cookie
+                head = head[:-2] + self.sticky.cookie + b"\r\n"
             out_bytes = len(head)
             if up.buf and not rframer.done:
                 # Body bytes that came with the head leave in the same write (one syscall less).
@@ -683,7 +703,8 @@ class HttpConnection(Channel):
                         self.write(head)
                         head = body
             self.write(head)
-            stats.count_response(resp.status)
+            status = resp.status
+            stats.responses["2xx" if 200 <= status < 300 else _status_class(status)] += 1
 
             # --- the response body
             client_timeout = listener.config.client_timeout
@@ -909,23 +930,34 @@ class HttpConnection(Channel):
             out.append(b"\r\n")
         return b"".join(out)
 
-    def _fail(self, status: int, message: str, req: RequestHead, rid: bytes, body_done: bool) -> bool:
+    def _fail(
+        self, status: int, message: str, req: RequestHead, rid: bytes, body_done: bool, extra: bytes = b""
+    ) -> bool:
         """Answer a request that got no response from a backend; True when the connection stays open.
 
         It stays open only when the whole request body was read from the client (the stream is in sync).
         """
         keep = req.keep_alive and body_done and not self.listener.draining
-        self._send_error(status, message, rid, keep=keep, minor=req.minor)
+        self._send_error(status, message, rid, keep=keep, minor=req.minor, extra=extra)
         return keep
 
     def _send_error(
-        self, status: int, message: str, rid: bytes | None = None, *, keep: bool = False, minor: int = 1
+        self,
+        status: int,
+        message: str,
+        rid: bytes | None = None,
+        *,
+        keep: bool = False,
+        minor: int = 1,
+        extra: bytes = b"",  # more header lines, each ending in CRLF (e.g. Retry-After)
     ) -> None:
         body = message.encode("utf-8", "replace") + b"\n"
         parts = [
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
             b"Cache-Control: no-store\r\n" % (status, REASONS.get(status, b"Error"), len(body))
         ]
+        if extra:
+            parts.append(extra)
         if rid:
             parts += (b"X-Request-ID: ", rid, b"\r\n")
         if not keep:
@@ -944,6 +976,10 @@ class HttpConnection(Channel):
         stats = self.listener.stats
         stats.count_response(status)
         stats.bytes_out += len(data)
+
+
+def _status_class(status: int) -> str:
+    return ("1xx", "2xx", "3xx", "4xx", "5xx")[min(max(status // 100, 1), 5) - 1]
 
 
 def _pump_error(pump: asyncio.Task[None] | None) -> BaseException | None:

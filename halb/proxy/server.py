@@ -25,6 +25,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from halb.config_model import ListenerConfig
 from halb.pool import Pool
@@ -33,6 +34,9 @@ from halb.proxy.limits import ListenerGate, NodeGate, automatic_maxconn, make_ba
 from halb.proxy.tcp_proxy import TcpListener
 from halb.proxy.tls import TlsTerminator
 from halb.proxy.upstream_pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from halb.proxy.sessions_hook import StateRuntime
 
 log = logging.getLogger("halb.proxy")
 
@@ -49,6 +53,7 @@ class ProxyServer:
         upstream_max_idle: int = 64,
         maxconn: int = 0,
         workers: int = 1,
+        state: StateRuntime | None = None,
     ) -> None:
         for listener in listeners:
             if listener.pool not in pools:
@@ -57,6 +62,7 @@ class ProxyServer:
                 raise ValueError(f"listener {listener.name!r}: unknown mode {listener.mode!r}")
         self.listeners = list(listeners)
         self.pools = pools
+        self.state = state  # [state]/[ratelimits]: per-listener hooks (halb.proxy.sessions_hook)
         self.upstream = UpstreamPool(
             idle_timeout=upstream_idle_timeout, max_idle_per_backend=upstream_max_idle
         )
@@ -91,8 +97,16 @@ class ProxyServer:
                 tls = self.tls.get(config.name)
                 handler: HttpListener | TcpListener
                 if config.mode == "http":
+                    hook = self.state.for_listener(config, pool) if self.state is not None else None
                     handler = HttpListener(
-                        config, pool, self.upstream, loop=loop, gate=gate, queue=queues[config.pool], tls=tls
+                        config,
+                        pool,
+                        self.upstream,
+                        loop=loop,
+                        gate=gate,
+                        queue=queues[config.pool],
+                        tls=tls,
+                        sessions=hook,
                     )
                 else:
                     handler = TcpListener(

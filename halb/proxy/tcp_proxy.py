@@ -260,8 +260,16 @@ class TcpSession(asyncio.Protocol):
         while True:
             backend.on_connection_opened()
             try:
-                async with asyncio.timeout(config.connect_timeout):
+                # (a bare timer: asyncio.timeout() costs several Python calls per connection)
+                timer = loop.call_later(config.connect_timeout, _connect_timed_out, asyncio.current_task())
+                try:
                     await loop.create_connection(lambda: _UpstreamSide(self), backend.host, backend.port)
+                except asyncio.CancelledError:
+                    if timer.when() > loop.time() or self.closed:
+                        raise  # cancelled by finish(), not by the timer
+                    raise TimeoutError from None
+                finally:
+                    timer.cancel()
             except (OSError, TimeoutError) as exc:
                 self._slot_freed(backend)
                 log.debug("connect to %s (%s) failed: %r", backend.name, backend.address, exc)
@@ -385,6 +393,11 @@ class _UpstreamSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.finish(abort=exc is not None)
+
+
+def _connect_timed_out(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
 
 
 def _shut_write(transport: asyncio.Transport) -> None:

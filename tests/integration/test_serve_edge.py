@@ -135,14 +135,20 @@ def test_backend_maxconn_queue_shows_in_metrics(processes: Processes) -> None:
     processes.node(
         config(admin, listen, backend, pool="maxconn = 1\nmaxqueue = 1\nqueue_timeout = 1.0"), admin
     )
-    socks = [socket.create_connection(("127.0.0.1", listen), timeout=5) for _ in range(3)]
+    socks: list[socket.socket] = []
+
+    def send() -> None:  # (a connection is opened only when used: an idle one times out after 0.5 s)
+        sock = socket.create_connection(("127.0.0.1", listen), timeout=5)
+        socks.append(sock)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+
     try:
         # In order: the first is served (2 s), the second queues (1 s, then 503), the third finds it full.
-        socks[0].sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        send()
         wait_for(lambda: web(admin).get("in_flight") == 1, timeout=5)
-        socks[1].sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        send()
         wait_for(lambda: web(admin).get("queued") == 1, timeout=5)
-        socks[2].sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        send()
         answers = [sock.recv(4096) for sock in socks]
     finally:
         for sock in socks:

@@ -1,11 +1,12 @@
 """halb and Debian's keepalived in one virtual router: halb in lb1, keepalived in lb2. Needs root.
 
-How this works: one lab per module (2 lbs, 1 backend, advert_interval 0.1 s). lb2's halb is stopped and
-keepalived runs in its namespace instead (`ip netns exec <prefix>-lb2 keepalived --dont-fork --vrrp ...`,
-VRRPv3, the lab's VRID 51, priority 140 below halb lb1's 150, the same VIP and advert_int); lb1 is
-restarted without the [cluster] table of its lab config (keepalived is no Raft member, and a lone member
-would wait for its missing peer). keepalived's own view of its state comes from its `notify` script, which
-appends "<time> INSTANCE VI_HALB <STATE> <prio>" to a file. The tests check that
+How this works: one lab per module (2 lbs, 1 backend, advert_interval 0.1 s, or $HALB_INTEROP_ADVERT).
+lb2's halb is stopped and keepalived runs in its namespace instead (`ip netns exec <prefix>-lb2
+keepalived --dont-fork --vrrp ...`, VRRPv3, the lab's VRID 51, priority 140 below halb lb1's 150, the
+same VIP and advert_int); lb1 is restarted without the [cluster] table of its lab config (keepalived is
+no Raft member, and a lone member would wait for its missing peer). keepalived's own view of its state
+comes from its `notify` script, which appends "<time> INSTANCE VI_HALB <STATE> <prio>" to a file.
+The tests check that
 
 * keepalived stays BACKUP behind halb's MASTER (so it accepts halb's adverts: checksum with the IPv4
   pseudo-header, Max Adver Int in centiseconds, the address list) and the VIP is only on lb1;
@@ -54,7 +55,7 @@ pytestmark = [
 ]
 
 PREFIX = f"hk{os.getpid() % 1000}"
-ADVERT = 0.1
+ADVERT = float(os.environ.get("HALB_INTEROP_ADVERT", "0.1"))  # e.g. 1 to run it at keepalived's default
 VRID = 51
 VIP = "10.99.0.100"
 LB1, LB2, CLIENT = "10.99.0.11", "10.99.0.12", "10.99.0.250"

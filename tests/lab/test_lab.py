@@ -144,11 +144,15 @@ def running_lab(prefix: str, *up_args: str) -> Iterator[Lab]:
 
 
 PREFIX = f"ht{os.getpid() % 1000}"
+# VRRP adverts every 0.1 s: `up` waits ~0.35 s for the VIP instead of ~3.5 s at the default 1 s
+FAST = ("--advert-interval", "0.1")
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with running_lab(PREFIX) as running:
+    with running_lab(PREFIX, *FAST) as running:
+        # should lb2 win the start-up race by a few ms, lb1 (higher priority) preempts within ~0.35 s
+        wait_for(lambda: running.status()["vip_holders"] == ["lb1"], timeout=5, what="lb1 to hold the VIP")
         yield running
 
 
@@ -237,7 +241,7 @@ def test_exec_passes_the_exit_code_through(lab: Lab) -> None:
 
 def test_two_labs_with_the_same_subnet_coexist(lab: Lab) -> None:
     other = f"hu{os.getpid() % 1000}"
-    with running_lab(other, "--lbs", "1", "--backends", "1") as second:
+    with running_lab(other, "--lbs", "1", "--backends", "1", *FAST) as second:
         # same addresses, separate bridges: each client sees its own lab's lb1
         assert second.get(LB1) == (200, b"web1\n")
         assert lab.get(LB1)[0] == 200
@@ -252,7 +256,7 @@ def test_down_after_a_crash_leaves_nothing() -> None:
     prefix = f"hc{os.getpid() % 1000}"
     crashed = Lab(prefix)
     try:
-        halb_lab("up", "--prefix", prefix, "--lbs", "1", "--backends", "1")
+        halb_lab("up", "--prefix", prefix, "--lbs", "1", "--backends", "1", *FAST)
         crashed.remember()
         # the crash: every service dies, nothing else is cleaned up; plus an unrecorded process in a namespace
         for record in recorded(prefix):

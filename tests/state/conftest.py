@@ -1,33 +1,27 @@
-"""Real Redis for the state tests: a testcontainers RedisContainer when a Docker engine answers, else a
-redis-server process on a free loopback port. Processes are always stopped at teardown, pass or fail.
-
-`redis_url` (session-wide, shared; tests use their own key prefixes) is for semantics tests.
-`redis_servers` (per test) starts processes a test may kill, stop (SIGSTOP) and restart on the same port,
-and Sentinel topologies (`sentinel_topology`).
+"""Real Redis for the state tests: the fixtures `redis_url` (session-wide, shared; tests use their own key
+prefixes), `redis_servers` (per test: processes a test may kill, stop and restart) and `sentinel_topology`
+live in tests/conftest.py (shared with the integration tests), the process helpers in
+tests/redis_servers.py. Here: `run`, the per-test key `prefix`, and the names the state tests import.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import shutil
-import signal
-import socket
-import subprocess
-import time
 import uuid
-from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
-import redis
 
-from tests.conftest import free_port
+from tests.redis_servers import (  # noqa: F401 - re-exported for the state tests
+    RedisProcess,
+    RedisServers,
+    SentinelTopology,
+    redis_ping,
+    sync_client,
+    wait_until,
+)
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -36,223 +30,7 @@ def run(coro: Coroutine[Any, Any, T], limit: float = 30.0) -> T:
     return asyncio.run(asyncio.wait_for(coro, limit))
 
 
-def redis_ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def sync_client(port: int) -> redis.Redis:
-    """A plain synchronous client for test setup and inspection (not the code under test)."""
-    return redis.Redis(
-        host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
-    )
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout}s")
-
-
-@dataclass
-class RedisProcess:
-    port: int
-    args: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log_file = open(self.log_path, "ab")  # noqa: SIM115
-        try:
-            self.proc = subprocess.Popen(self.args, stdout=log_file, stderr=subprocess.STDOUT)
-        finally:
-            log_file.close()
-        deadline = time.monotonic() + 10
-        while not redis_ping(self.port):
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.args[0]} exited {self.proc.returncode}: {self.log_path.read_text()}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.args[0]} on port {self.port} did not answer PING")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        """SIGKILL and reap: the port refuses connections from now on."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-    def stop(self) -> None:
-        """SIGSTOP: the port still accepts connections but nothing answers (a black hole)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def cont(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
-                self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=5)
-
-
-class RedisServers:
-    """redis-server / redis-sentinel processes on free loopback ports, all gone at cleanup()."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[RedisProcess] = []
-
-    def server(self, *extra: str) -> RedisProcess:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server not installed (apt-get install -y redis-server)")
-        port = free_port()
-        workdir = self.tmp / f"redis-{port}"
-        workdir.mkdir(exist_ok=True)
-        args = [
-            binary,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(workdir),
-            "--daemonize", "no",
-            *extra,
-        ]  # fmt: skip
-        rp = RedisProcess(port, args, self.tmp / f"redis-{port}.log")
-        self.procs.append(rp)
-        rp.start()
-        return rp
-
-    def sentinel(self, master_port: int, service: str, down_after_ms: int = 400) -> RedisProcess:
-        binary = shutil.which("redis-sentinel")
-        if binary is None:
-            pytest.skip("redis-sentinel not installed (apt-get install -y redis-sentinel)")
-        port = free_port()
-        conf = self.tmp / f"sentinel-{port}.conf"
-        conf.write_text(
-            f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.tmp}\n"
-            f"sentinel monitor {service} 127.0.0.1 {master_port} 1\n"
-            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
-            f"sentinel failover-timeout {service} 4000\n"
-            f"sentinel parallel-syncs {service} 1\n"
-        )
-        rp = RedisProcess(port, [binary, str(conf)], self.tmp / f"sentinel-{port}.log")
-        self.procs.append(rp)
-        rp.start()
-        return rp
-
-    def cleanup(self) -> None:
-        for rp in self.procs:
-            rp.cleanup()
-
-
-@pytest.fixture
-def redis_servers(tmp_path: Path) -> Iterator[RedisServers]:
-    servers = RedisServers(tmp_path)
-    try:
-        yield servers
-    finally:
-        servers.cleanup()
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Redis for the whole session: a container if Docker answers, else a local redis-server process."""
-    container = None
-    try:
-        from testcontainers.community.redis import RedisContainer
-
-        container = RedisContainer("redis:7-alpine")
-        container.start()
-    except Exception as exc:  # docker.errors.DockerException without an engine; ImportError without the extra
-        log.info("no Docker engine (%s): using a redis-server process", type(exc).__name__)
-        container = None
-    if container is not None:
-        try:
-            host = container.get_container_host_ip()
-            port = container.get_exposed_port(6379)
-            yield f"redis://{host}:{port}/0"
-        finally:
-            container.stop()
-        return
-    servers = RedisServers(tmp_path_factory.mktemp("redis"))
-    try:
-        yield servers.server().url
-    finally:
-        servers.cleanup()
-
-
 @pytest.fixture
 def prefix() -> str:
     """A key prefix of this test alone (the session Redis is shared)."""
     return f"t{uuid.uuid4().hex[:10]}:"
-
-
-@dataclass
-class SentinelTopology:
-    master: RedisProcess
-    replica: RedisProcess
-    sentinels: list[RedisProcess]
-    service: str
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        return [("127.0.0.1", s.port) for s in self.sentinels]
-
-    def role(self, rp: RedisProcess) -> str:
-        with sync_client(rp.port) as c:
-            return str(c.execute_command("ROLE")[0])
-
-    def master_port(self) -> int:
-        """The master's port as the first sentinel currently sees it."""
-        with sync_client(self.sentinels[0].port) as c:
-            return int(c.sentinel_get_master_addr_by_name(self.service)[1])
-
-
-@pytest.fixture
-def sentinel_topology(redis_servers: RedisServers) -> SentinelTopology:
-    """A master, one replica and one sentinel (quorum 1, down-after 400 ms), all on loopback.
-
-    One sentinel keeps setup fast: several only need seconds of hello messages to find each other first;
-    the client side of "several sentinels" is covered by giving the store a dead sentinel address too."""
-    master = redis_servers.server("--repl-diskless-sync-delay", "0")  # Redis 7 waits 5 s by default
-    replica = redis_servers.server("--replicaof", "127.0.0.1", str(master.port))
-    with sync_client(replica.port) as c:
-        wait_until(lambda: c.info("replication")["master_link_status"] == "up", 15, "replica in sync")
-    service = "halbtest"
-    sentinels = [redis_servers.sentinel(master.port, service)]
-    topo = SentinelTopology(master, replica, sentinels, service)
-
-    def sentinels_ready() -> bool:
-        for s in sentinels:
-            with sync_client(s.port) as c:
-                if c.sentinel_master(service)["num-other-sentinels"] != len(sentinels) - 1:
-                    return False
-                replicas = c.sentinel_slaves(service)
-                if not any(
-                    r["port"] == replica.port and not r["is_sdown"] and r["master-link-status"] == "ok"
-                    for r in replicas
-                ):
-                    return False
-        return True
-
-    wait_until(sentinels_ready, 20, "sentinels see the replica and each other")
-    return topo

@@ -126,3 +126,18 @@ def test_generator_without_cluster_or_witness() -> None:
     assert "cluster" not in tomllib.loads(node_config(off, "lb1"))
     with pytest.raises(KeyError, match="no witness"):
         witness_config(spec)
+
+
+def test_the_lab_runs_halb_serve_on_the_witness(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from halb.lab import control, processes
+
+    topo = build("halb", lbs=2, backends=1, witness=True)
+    argv = processes.service_argv(topo.host("witness"), tmp_path / "witness.toml")
+    assert argv is not None and argv[-4:] == ["serve", str(tmp_path / "witness.toml"), "--log-level", "INFO"]
+    assert processes.service_argv(topo.host("client"), None) is None
+    monkeypatch.setenv("HALB_LAB_RUN", str(tmp_path / "run"))
+    spec = control.lab_spec(topo, vrrp=True)
+    assert spec.data_dir == str(tmp_path / "run" / "halb" / "raft")  # gone with `halb lab down`
+    text = control.config_text("halb", "witness", 2, 1, True, True)  # no lab up: for hosts outside it
+    witness = parse(tomllib.loads(text), "witness").cluster
+    assert witness is not None and witness.role == "witness" and witness.data_dir == "/var/lib/halb/witness"

@@ -1,0 +1,134 @@
+"""Plain VRRP under a partition: two keepalived nodes, cut from each other, both hold the VIP. Needs root.
+
+How this works: one lab (2 lbs, 1 backend, the lab's VIP and VRID 51); halb is stopped on both
+balancers (`halb lab stop lb1`, `stop lb2`: the namespaces stay, the supervisor releases the VIP) and
+Debian's keepalived runs in each balancer's namespace instead (`tests/lab/keepalived.py`: VRRPv3,
+priorities 150/140, advert_int 0.1 s as in halb's scenario b). Then the same cut as halb's scenario b:
+lb1 is partitioned from lb2 at the lab's switch, the client still reaches both, and the VIP sampler
+(`halb.lab.observe`, every 50 ms, read from the namespaces themselves, plus an ARP probe per balancer)
+records who holds the VIP and whose kernel answers for it.
+
+What it asserts is what keepalived does -- documented, not endorsed: before the cut one holder; during it
+both nodes hold the VIP and both answer ARP for it (split brain) within a few advert intervals, and the
+backup announces itself with gratuitous ARPs; after `heal` the lower priority node goes back to BACKUP.
+The figures go beside halb's scenario b in docs/quorum.md. keepalived is stopped and its files removed in
+`finally`; the lab's teardown checks that nothing of the lab is left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from halb.lab import control
+from halb.lab.observe import Observer, describe, figures
+from tests.conftest import report
+from tests.lab.keepalived import KeepalivedNode
+from tests.lab.test_lab import Lab, running_lab, wait_for
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(shutil.which("keepalived") is None, reason="keepalived is not installed"),
+]
+
+PREFIX = f"hp{os.getpid() % 1000}"
+ADVERT = 0.1
+VIP = "10.99.0.100"
+PRIORITY = {"lb1": 150, "lb2": 140}
+MASTER_DOWN_LB2 = 3 * ADVERT + (256 - PRIORITY["lb2"]) * ADVERT / 256
+CUT = 3.0  # seconds the partition lasts
+
+
+def holders(lab: Lab) -> list[str]:
+    return control.vip_holders(control.lab_state(lab.prefix))
+
+
+def ns_pids(namespace: str) -> list[str]:
+    return subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with running_lab(PREFIX, "--lbs", "2", "--backends", "1", "--advert-interval", str(ADVERT)) as running:
+        running("stop", "lb1")
+        running("stop", "lb2")
+        assert holders(running) == []
+        yield running
+
+
+@pytest.fixture(scope="module")
+def nodes(lab: Lab) -> Iterator[dict[str, KeepalivedNode]]:
+    made: dict[str, KeepalivedNode] = {}
+    try:
+        for name, priority in PRIORITY.items():
+            made[name] = KeepalivedNode(lab.ns(name), priority, VIP, advert=ADVERT)
+            made[name].start()
+        wait_for(
+            lambda: made["lb1"].state() == "MASTER" and made["lb2"].state() == "BACKUP",
+            timeout=10,
+            what="keepalived lb1 MASTER, lb2 BACKUP",
+        )
+        wait_for(lambda: holders(lab) == ["lb1"], timeout=5, what="the VIP on lb1 only")
+        yield made
+    finally:
+        for node in made.values():
+            node.close()
+    for name, node in made.items():
+        assert not node.dir.exists()
+        wait_for(lambda n=name: not ns_pids(lab.ns(n)), timeout=5, what=f"no process left in {name}")
+
+
+def test_keepalived_pair_partitioned_both_hold_the_vip(lab: Lab, nodes: dict[str, KeepalivedNode]) -> None:
+    with Observer(lab.prefix) as obs:
+        time.sleep(1.0)
+        cut = obs.mark("partition lb1 | lb2")
+        control.partition_hosts(lab.prefix, ["lb1"], ["lb2"])  # what `halb lab partition lb1 --from lb2` does
+        try:
+            time.sleep(CUT)
+        finally:
+            healed = obs.mark("heal")
+            control.heal(lab.prefix)
+        settled = obs.wait_until(lambda t: t.holders == ("lb1",), healed, timeout=5.0)
+        time.sleep(1.0)
+    assert not obs.errors, obs.errors
+    before = obs.timeline(until=cut)
+    during = obs.timeline(since=cut, until=healed)
+    after = obs.timeline(since=healed)
+    fig_before, fig_during = figures(before), figures(during, origin=cut)
+    assert fig_before.max_holders == 1 and fig_before.two_answering == 0
+
+    # split brain: lb2 no longer hears lb1's adverts, becomes MASTER after Master_Down_Interval and adds
+    # the VIP while lb1 keeps it; both kernels answer ARP for it
+    both = [t for t in during if set(t.holders) == {"lb1", "lb2"}]
+    assert both, f"keepalived did not split: {describe(during, cut)}"
+    split_at = both[0].at - cut
+    assert split_at < MASTER_DOWN_LB2 + 0.5
+    assert all(set(t.holders) == {"lb1", "lb2"} for t in during if t.at > both[0].at + 0.1)
+    assert fig_during.two_answering > 0
+    assert any(set(t.answering) == {"lb1", "lb2"} for t in during)
+    assert nodes["lb1"].state() in ("MASTER", "BACKUP")
+    assert "MASTER" in [line[3] for line in nodes["lb2"].state_lines()]
+    garps_lb2 = obs.frames_of("garp", since=cut, mac=obs.macs["lb2"])
+    assert any(f.at < healed for f in garps_lb2), "lb2 sent no gratuitous ARP for the VIP"
+
+    # heal: lb2 hears priority 150 again and goes back to BACKUP
+    assert settled is not None, f"no single holder after heal: {describe(after, healed)}"
+    assert nodes["lb2"].state() == "BACKUP" and nodes["lb1"].state() == "MASTER"
+    share = fig_during.two_holders / max(1, fig_during.ticks)
+    report(
+        "keepalived partition",
+        f"keepalived x2 (VRRPv3, advert {ADVERT}s), lb1 | lb2 for {CUT:.0f}s, client reaches both: "
+        f"{fig_during.two_holders}/{fig_during.ticks} samples ({share:.0%}) with TWO holders, "
+        f"{fig_during.two_answering} with two answering ARP; split brain {split_at:.2f}s after the cut; "
+        f"{len(garps_lb2)} GARP(s) from lb2; one holder again {settled.at - healed:.2f}s after heal",
+    )
+    report("keepalived partition", f"  holders: {describe(obs.timeline(), cut)}")
+    report(
+        "keepalived partition",
+        f"  sampler: {obs.late_ticks} late tick(s), max spacing {obs.max_spacing:.3f}s",
+    )
