@@ -120,14 +120,38 @@ def vip_release(config_path: str) -> None:
     """Remove the configured VIPs from the [vrrp] interface (idempotent).
 
     Meant as the service manager's ExecStopPost: whatever way `halb serve` ended (SIGKILL included),
-    the node stops answering for the VIPs. Exit 0 when none is left (also without [vrrp]), 1 on a
-    netlink error, 2 on a config error.
+    the node stops answering for the VIPs. With the VIP lease ([cluster], vip_lease) and `halb serve`
+    stopped: first the kernel fence is closed, then the VIPs go, the fence's nft tables are deleted,
+    and a live member (cluster.admin_peers) is asked to release this node's lease, so a peer takes the
+    VIP over at once (at most ~1.5 s; a failure is reported, the lease then simply expires). Exit 0 when
+    no VIP is left (also without [vrrp]), 1 on a netlink error, 2 on a config error.
     """
     config = _load_or_exit(config_path)
     if config.vrrp is None:
         click.echo(f"{config_path}: no [vrrp] section, nothing to release")
         return
-    release_vips(config.vrrp.interface, config.vrrp.virtual_ips)
+    cluster = config.cluster
+    if cluster is None or cluster.is_witness or not cluster.vip_lease:
+        release_vips(config.vrrp.interface, config.vrrp.virtual_ips)
+        return
+    from halb.cluster.handoff import node_stopped, release_via_peers
+    from halb.vrrp.fence import FenceError, release_fence_sync
+
+    with node_stopped(cluster.data_dir) as stopped:
+        if not stopped:
+            click.echo(f"halb serve still runs ({cluster.data_dir} is locked): its lease and fence stay")
+            release_vips(config.vrrp.interface, config.vrrp.virtual_ips)
+            return
+        with contextlib.suppress(FenceError):  # no tables: nothing was open
+            release_fence_sync(close_only=True)
+        release_vips(config.vrrp.interface, config.vrrp.virtual_ips)  # exits 1 if a VIP may be left
+        admins = [str(a) for a in cluster.admin_peers]
+        outcome = release_via_peers(admins, cluster.token, config.node.name)
+        click.echo(outcome.describe(config.node.name), err=outcome.released is None)
+        try:
+            release_fence_sync()  # the tables go last: the element is gone already, the takeover waits not
+        except FenceError as exc:
+            click.echo(f"halb vip release: fence: {exc}", err=True)
 
 
 def release_vips(interface: str, virtual_ips: tuple[str, ...]) -> None:

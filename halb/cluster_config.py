@@ -13,7 +13,8 @@ of 50, more than the 10-point gap, so a balancer whose pool is empty hands the V
 With `redis` on the spec ("host:port", the lab's and Vagrant's Redis host) every balancer gets a
 `[state]` table (`url = "redis://host:port/0"`) and the pool gets `sticky = { mode = <spec.sticky> }`
 ("cookie" by default: a session cookie HALBSID mapped to its backend in Redis, so sessions survive a VIP
-move); `sticky=None` leaves stickiness off, and no `redis` leaves both out.
+move); `sticky=None` leaves stickiness off, and no `redis` leaves both out. With `redis_sentinels`
+(the lab's `--sentinel`) `[state]` names the sentinels and `redis_service` instead of a url.
 
 `cluster=True` (the default) adds a `[cluster]` table to every node: its Raft address
 (`<address>:raft_port`), the other members as peers (the witness included), the shared `secret` and
@@ -21,6 +22,10 @@ admin `token`, and `data_dir = <spec.data_dir>/<node>`. With a witness on the sp
 `node_config(spec, "witness")` renders the witness's own config: `[node]` and `[cluster]` with
 `role = "witness"`, nothing else (a witness runs no proxy and holds no VIP). The default secret and
 token are for the lab and the Vagrant dev cluster only; set real ones on the spec for anything else.
+A balancer's `[cluster]` also lists the other members' admin APIs (`admin_peers`, where `halb vip release`
+releases a stopped node's VIP lease) and `vip_lease`: on, unless `spec.vip_lease` says otherwise or the
+cluster has exactly two members (two balancers, no witness: either one's loss would take the majority,
+and with it the VIP, away from the other; such a lab runs plain VRRP for the VIP).
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ class ClusterSpec:
     algorithm: str = "round_robin"
     redis: str | None = None  # "host:port": [state] url = "redis://host:port/0"
     sticky: str | None = "cookie"  # the pool's sticky mode when redis is set ("cookie" | "source_ip" | None)
+    # Redis through Sentinel instead: the sentinels' "host:port"s (then `redis` is only informative)
+    redis_sentinels: tuple[str, ...] = ()
+    redis_service: str = "mymaster"
     witness: NodeSpec | None = None  # a Raft-only vote: no proxy, no VIP
     workers: int = 1
     drain_timeout: float = 10.0
@@ -88,6 +96,9 @@ class ClusterSpec:
     token: str = "halb-lab-admin-token"  # lab/dev only
     data_dir: str = "/var/lib/halb"  # each node uses <data_dir>/<node name>
     lease_duration: float = 2.0
+    # the VIP only with the Raft lease; None: unless the cluster has exactly two members (no witness),
+    # which lose their majority -- and so the VIP everywhere -- when either one is down
+    vip_lease: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.lbs:
@@ -150,6 +161,17 @@ def _cluster_lines(spec: ClusterSpec, node: NodeSpec, role: str) -> list[str]:
     ]
     if role == "witness":
         lines.append('role = "witness"')
+        return lines
+    admins = ", ".join(_q(_host_port(m.address, spec.admin_port)) for m in spec.members() if m != node)
+    lease = spec.vip_lease if spec.vip_lease is not None else len(spec.members()) != 2
+    if not lease:
+        lines.append("# two members, no witness: with either one down there is no majority and the VIP")
+        lines.append("# would be dropped everywhere; plain VRRP places it (add a witness for the lease)")
+    lines += [
+        f"vip_lease = {'true' if lease else 'false'}",
+        "# where `halb vip release` releases this node's lease once its `halb serve` has stopped",
+        f"admin_peers = [{admins}]",
+    ]
     return lines
 
 
@@ -215,9 +237,12 @@ def node_config(spec: ClusterSpec, node_name: str) -> str:
         f"health = {{ kind = {_q(h.kind)}, path = {_q(h.path)}, interval = {_num(h.interval)}, "
         f"timeout = {_num(h.timeout)}, rise = {h.rise}, fall = {h.fall} }}",
     ]
-    if spec.redis and spec.sticky:
+    if (spec.redis or spec.redis_sentinels) and spec.sticky:
         lines.append(f"sticky = {{ mode = {_q(spec.sticky)} }}")
-    if spec.redis:
+    if spec.redis_sentinels:
+        sentinels = ", ".join(_q(s) for s in spec.redis_sentinels)
+        lines += ["", "[state]", f"sentinels = [{sentinels}]", f"service_name = {_q(spec.redis_service)}"]
+    elif spec.redis:
         lines += ["", "[state]", f"url = {_q('redis://' + spec.redis + '/0')}"]
     if spec.vrrp:
         lines += [

@@ -525,6 +525,12 @@ def _cluster(r: Reader | None) -> ClusterSettings | None:
         r.fail("token", f"must be at least {MIN_SECRET} characters (it guards the mutating admin API)")
     if token == secret:
         r.fail("token", "must differ from cluster.secret (operators get the token, never the secret)")
+    admin_peers: list[HostPort] = []
+    for i, text in enumerate(_str_list(r, "admin_peers")):
+        try:
+            admin_peers.append(parse_host_port(text.strip()))
+        except ValueError as exc:
+            r.fail(f"admin_peers[{i}]", str(exc))
     data_dir = r.str("data_dir")
     if not os.path.isabs(data_dir):
         r.fail("data_dir", f"must be an absolute path, got {data_dir!r}")
@@ -538,6 +544,8 @@ def _cluster(r: Reader | None) -> ClusterSettings | None:
         data_dir=data_dir,
         role=r.str("role", d.role, choices=("balancer", "witness")),
         lease_duration=r.float("lease_duration", d.lease_duration, lo=1.0, hi=60.0),
+        vip_lease=r.bool("vip_lease", d.vip_lease),
+        admin_peers=tuple(admin_peers),
     )
     r.done()
     return cluster

@@ -107,6 +107,8 @@ class StickyConfig:
     secure: bool = False
     httponly: bool = True
     samesite: str = "Lax"  # "Lax" | "Strict" | "None" | "" (attribute left out)
+    # Seconds a worker reuses a session's mapping before asking the store again (0 = every request).
+    cache: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,8 @@ class ClusterSettings:
     data_dir: str = ""  # Raft journal + full dump (absolute path)
     role: str = "balancer"  # "balancer" | "witness" (votes in Raft; no proxy, no VIP)
     lease_duration: float = 2.0  # VIP lease, seconds (see docs/quorum.md)
+    vip_lease: bool = True  # a balancer holds the [vrrp] VIPs only with the lease (docs/quorum.md)
+    admin_peers: tuple[HostPort, ...] = ()  # other members' admin APIs: `halb vip release` releases there
 
     @property
     def is_witness(self) -> bool:

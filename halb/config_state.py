@@ -251,6 +251,7 @@ def parse_sticky(r: Reader | None) -> StickyConfig | None:
         secure=r.bool("secure", d.secure),
         httponly=r.bool("httponly", d.httponly),
         samesite=r.str("samesite", d.samesite, choices=SAMESITE),
+        cache=r.float("cache", d.cache, lo=0, hi=60),
     )
     if sticky.samesite == "None" and not sticky.secure:
         r.fail("samesite", "browsers drop SameSite=None cookies without Secure: set secure = true")

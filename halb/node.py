@@ -20,7 +20,11 @@ into this node's pools (`halb.cluster.sync`): weights and drain flags in place, 
 or a new algorithm by rebuilding that pool (unchanged backends keep their health) and sending
 `reconfigure` to the workers. `/api/...` on the admin port is the cluster's configuration API. A
 witness (`role = "witness"`) runs only the Raft member and the admin API: no workers, no VRRP. The
-VIP lease keeper (`self.lease`) runs on every member; the VRRP wiring asks it before master actions.
+VIP lease keeper (`self.lease`) runs on every member. On a balancer with `cluster.vip_lease` (the
+default) the VRRP driver's VIP port is a `LeasedVipPort` (add/GARP only while the lease allows it), a
+`LeaseGuard` routes driver transitions and lease events between the two (halb.vrrp.lease_gate), and the
+kernel fence (`NftFence`, nftables) is installed before VRRP starts and deleted after it stops. On
+SIGTERM the lease is released (committed, bounded by 1 s) right after VRRP has dropped the VIPs.
 
 Shutdown (SIGTERM/SIGINT): VRRP stops FIRST (a MASTER sends a priority-0 advert and drops its VIPs, so a
 peer takes over after Skew_Time), then /healthz turns 503 "draining", workers stop accepting and finish
@@ -42,7 +46,7 @@ from halb import __version__, state_report
 from halb.admin import AdminServer
 from halb.cluster.api import ClusterApi
 from halb.cluster.keeper import LeaseKeeper
-from halb.cluster.lease import LeaseTiming
+from halb.cluster.lease import LeaseTiming, lease_clock
 from halb.cluster.raft import Applied, ClusterError, RaftMember, raft_id
 from halb.cluster.state import seed_command
 from halb.cluster.sync import change_kind, merge_pools
@@ -54,7 +58,9 @@ from halb.health.tracker import HealthTracker, Transition
 from halb.pool import Pool
 from halb.pools import backend_states, build_pools
 from halb.vrrp.driver import VrrpDriver
-from halb.vrrp.vip import NetlinkVipPort, VipError, release_stale
+from halb.vrrp.fence import FenceError, NftFence
+from halb.vrrp.lease_gate import LeasedVipPort, LeaseGuard, holddown_for
+from halb.vrrp.vip import NetlinkVipPort, VipError, VipPort, release_stale
 from halb.workers import WorkerStartError, WorkerSupervisor
 
 log = logging.getLogger("halb.node")
@@ -96,8 +102,15 @@ class Node:
         self.stop_requested = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self.vrrp: VrrpDriver | None = None
+        self.fence: NftFence | None = None
+        self.lease_guard: LeaseGuard | None = None
         if config.vrrp is not None:
-            self.vrrp = VrrpDriver(config.vrrp, NetlinkVipPort(config.vrrp.interface))
+            port: VipPort = NetlinkVipPort(config.vrrp.interface)
+            if self._vip_lease_on():
+                port = self._leased_port(port)
+            self.vrrp = VrrpDriver(config.vrrp, port)
+            if self._vip_lease_on():
+                self._init_vip_lease(self.vrrp)
         self._listener_task: asyncio.Task[None] | None = None
 
     def _make_agent(self, pool: Pool) -> AgentPoller | None:
@@ -158,14 +171,21 @@ class Node:
         assert self.vrrp is not None and self.config.vrrp is not None
         settings = self.config.vrrp
         try:
+            if self.fence is not None:
+                await self.fence.install()  # empty: the VIP is dead here until a lease is granted
             stale = await release_stale(settings.interface, settings.virtual_ips)
             if stale:
                 log.warning("vrrp: released stale VIPs left on %s: %s", settings.interface, ", ".join(stale))
             self._track_pools()
             await self.vrrp.start()
+        except FenceError as exc:
+            log.error("cannot install the VIP lease fence (nftables): %s", exc)
+            return False
         except (VipError, OSError) as exc:
             log.error("cannot start VRRP on %s: %s", settings.interface, exc)
             return False
+        if self.lease_guard is not None:
+            self.lease_guard.start()
         if settings.track.listeners and self.config.listeners:
             self._listener_task = asyncio.create_task(self._listener_check_loop(), name="halb-listener-check")
         return True
@@ -224,6 +244,7 @@ class Node:
                 await self.vrrp.stop()
             except Exception:
                 log.exception("stopping VRRP failed")
+            await self._stop_vip_lease()
         self.state = "draining"
         _notify_systemd("STOPPING=1")
         log.warning("draining (up to %.1fs)", self.config.node.drain_timeout)
@@ -315,6 +336,11 @@ class Node:
         }
         if self.vrrp is not None:
             doc["vrrp"] = {"instances": [self.vrrp.snapshot()]}
+            if self.lease_guard is not None:
+                doc["vrrp"]["lease_gate"] = {
+                    **self.lease_guard.snapshot(),
+                    "fence": self.fence.snapshot() if self.fence is not None else None,
+                }
         if self.cluster is not None:
             doc["cluster"] = self._cluster_status()
         # [state]/[ratelimits]: the store's health as the workers see it, sticky and 429 counters
@@ -467,6 +493,54 @@ class Node:
             checker.start()
             if agent is not None:
                 agent.start()
+
+    # --- the VIP lease wired into VRRP (halb.vrrp.lease_gate; docs/quorum.md) ------------------------
+    def _vip_lease_on(self) -> bool:
+        settings = self.config.cluster
+        return settings is not None and not settings.is_witness and settings.vip_lease
+
+    def _leased_port(self, port: VipPort) -> VipPort:
+        """The VIP port gated by the lease, with the kernel fence opened before every add."""
+        assert self.lease is not None and self.config.vrrp is not None
+        self.fence = NftFence(self.config.vrrp.virtual_ips, clock=lease_clock)
+        return LeasedVipPort(port, self.lease, self.fence)
+
+    def _init_vip_lease(self, driver: VrrpDriver) -> None:
+        settings = self.config.cluster
+        assert settings is not None and self.lease is not None
+        self.lease_guard = LeaseGuard(
+            driver,
+            self.lease,
+            self.fence,
+            holddown=holddown_for(settings.lease_duration),
+            quorum=self._raft_quorum,
+        )
+        driver.advert_gate = self.lease_guard.advert_allowed
+        if len(settings.peers) == 1:
+            log.warning(
+                "cluster: two members and vip_lease = true: with either one down there is no majority "
+                "and no node may hold the VIP; add a witness (or set vip_lease = false)"
+            )
+
+    def _raft_quorum(self) -> bool:
+        """This node's Raft member reaches a majority (by a fresh status snapshot)."""
+        if self.cluster is None:
+            return False
+        status = self.cluster.status()
+        return bool(status.get("quorum")) and float(status.get("status_age_seconds", 99.0)) < 1.0
+
+    async def _stop_vip_lease(self) -> None:
+        """After VRRP stopped (VIPs removed): commit the lease's release, then delete the fence."""
+        if self.lease_guard is not None:
+            try:
+                await self.lease_guard.stop(release_timeout=1.0)
+            except Exception:
+                log.exception("releasing the VIP lease failed")
+        if self.fence is not None:
+            try:
+                await self.fence.remove()
+            except FenceError as exc:
+                log.error("removing the VIP lease fence failed: %s", exc)
 
     def _cluster_status(self) -> dict[str, Any]:
         assert self.cluster is not None and self.lease is not None

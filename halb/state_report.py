@@ -8,7 +8,8 @@ totals never go backwards. `aggregate()` merges them into the status document's 
     {"backend": "redis" | "sentinel" | "none", "target": "redis://10.99.0.200:6379/0",
      "state": "ok" | "degraded" | "local" | "unknown", "degraded_workers": 1, "workers": [...],
      "errors_total": .., "fallback_decisions_total": .., "last_error": "..", "since": ..,
-     "sticky": {pool: {"store": .., "new": .., "rehomed": .., "fallback": .., "cookies_issued": ..}},
+     "sticky": {pool: {"cache": .., "store": .., "new": .., "rehomed": .., "fallback": ..,
+                       "cookies_issued": .., "retry_rehomed": .., "unkeyed": .., "mint_misses": ..}},
      "ratelimits": {rule: {"allowed": .., "limited": .., "local": ..}}}
 
 "degraded" as soon as one worker's store is degraded (that worker is deciding locally); "local" when
@@ -126,7 +127,7 @@ def metrics(node: str, doc: dict[str, Any] | None) -> Iterator[Metric]:
     fallback.add_metric([node], doc["fallback_decisions_total"])
     sticky = CounterMetricFamily(
         "halb_sticky_decisions",
-        "Sticky-session decisions by source (store, new, rehomed, fallback)",
+        "Sticky-session decisions by source (cache, store, new, rehomed, fallback)",
         labels=["node", "pool", "source"],
     )
     cookies = CounterMetricFamily(
@@ -138,7 +139,7 @@ def metrics(node: str, doc: dict[str, Any] | None) -> Iterator[Metric]:
         labels=["node", "pool"],
     )
     for pool, counts in sorted(doc["sticky"].items()):
-        for source in ("store", "new", "rehomed", "fallback"):
+        for source in ("cache", "store", "new", "rehomed", "fallback"):
             sticky.add_metric([node, pool, source], counts.get(source, 0))
         cookies.add_metric([node, pool], counts.get("cookies_issued", 0))
         rehomed.add_metric([node, pool], counts.get("retry_rehomed", 0))
@@ -185,7 +186,7 @@ def render(doc: dict[str, Any]) -> Text:
     for counts in doc.get("sticky", {}).values():
         _add(decisions, counts)
     if decisions:
-        parts = [f"{decisions.get(k, 0)} {k}" for k in ("store", "new", "rehomed", "fallback")]
+        parts = [f"{decisions.get(k, 0)} {k}" for k in ("cache", "store", "new", "rehomed", "fallback")]
         line.append("  sticky ", style="dim")
         line.append(", ".join(parts))
     limited = sum(c.get("limited", 0) for c in doc.get("ratelimits", {}).values())

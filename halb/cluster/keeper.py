@@ -12,6 +12,9 @@ What the VRRP side calls (docs/quorum.md, "wiring"):
     keeper.may_act()        immediately before EVERY master action: adding the VIP, each GARP round;
                             False -> do not act; remove the VIP if it is held
     keeper.want(False)      after the VIP has been removed (resign, shutdown): releases the lease
+    await keeper.release(t) the same on the way out (SIGTERM): waits until the release is committed
+    keeper.check()          may_act() after running the holder's clock at once (expiry is reported now,
+                            not at the next tick): what the VRRP side asks before a MASTER advert
     keeper.add_listener(f)  f(LeaseGranted) -> may now add the VIP; f(LeaseLost) -> remove it NOW
 """
 
@@ -73,6 +76,31 @@ class LeaseKeeper:
     def add_listener(self, callback: Callable[[LeaseGranted | LeaseLost], None]) -> None:
         self._listeners.append(callback)
 
+    def check(self) -> bool:
+        """Run the holder's clock now (expiry -> `LeaseLost` to the listeners, synchronously); may_act()."""
+        self._run(self.holder.tick(self.clock()))
+        return self.may_act()
+
+    def holds(self) -> bool:
+        """Holds a lease that has not run out (after a loop gap it may be held but not yet confirmed)."""
+        return self.holder.holds(self.clock())
+
+    def act_until(self) -> float | None:
+        """The holder's own expiry in `clock()` time (None: holds nothing); the kernel fence's deadline."""
+        return self.holder.act_until if self.holds() else None
+
+    async def release(self, timeout: float) -> bool:
+        """want(False), then wait up to `timeout` until the release is no longer pending. True when the
+        replicated record (as seen here) no longer names this node: released, or never held."""
+        self.want(False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.holder.releasing and self._task is not None and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # let the applied release reach `observe`
+        seen = self.holder.observed
+        return not self.holder.releasing and (seen is None or seen.holder != self.holder.node)
+
     # --- wiring -------------------------------------------------------------------------------------
     def on_applied(self, event: Applied) -> None:
         """RaftMember listener: feed the lease record to the holder."""
@@ -96,7 +124,10 @@ class LeaseKeeper:
 
     # --- internals --------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        while True:
+        # `while` checks `_task` (stop() clears it first): Python 3.11's wait_for swallows a cancellation
+        # that lands while `_wake` is being set (want()/release() just before stop()), and the loop
+        # would otherwise go on forever with stop() awaiting it.
+        while self._task is not None:
             now = self.clock()
             self._run(self.holder.tick(now))
             delay = self.tick_interval

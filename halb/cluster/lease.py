@@ -45,7 +45,10 @@ longer than `gap_threshold` between two calls (the node's loop ticks every ~50 m
 that was due during the freeze goes out on the strength of the old lease.
 
 **Giving up.** `set_wanted(False)` (called after the VIP is off the interface) stops acting at once and
-sends `release`, which lets a peer take over without waiting for expiry.
+sends `release`, which lets a peer take over without waiting for expiry. A node that wants the lease and
+sees it become free (`observe` with no holder) asks again at the next tick instead of waiting out a
+`retry_in` it was given while the lease was still held: that is what makes a takeover after a release
+(SIGTERM, or `halb vip release` on a killed node's behalf) cost one commit.
 
 `LeaseHolder` takes inputs (`tick`, `on_result`, `observe`, `set_wanted`) and returns actions
 (`SendCommand`, `LeaseGranted`, `LeaseLost`); `halb.cluster.keeper` runs it against Raft.
@@ -198,6 +201,16 @@ class LeaseHolder:
         assert self._act_until is not None
         return self._act_until - now
 
+    @property
+    def act_until(self) -> float | None:
+        """This node's own conservative expiry (see the module docstring); None while it holds nothing."""
+        return self._act_until
+
+    @property
+    def releasing(self) -> bool:
+        """A release is due or in flight (after `set_wanted(False)`)."""
+        return self._release_due or any(r.kind == "release" for r in self._inflight.values())
+
     def takeover_at(self) -> float | None:
         """When (our clock) another holder's lease will have run out for us; None if nobody holds it."""
         seen = self.observed
@@ -254,6 +267,10 @@ class LeaseHolder:
         seen = self.observed
         if seen is None or (seen.holder, seen.seq) != (holder, seq):
             self.observed = Observed(holder, seq, duration, now)
+            if holder is None and self.wanted and self._act_until is None:
+                # Released (by its holder, or on a dead holder's behalf): try at once, not after a
+                # `retry_in` computed while it was still held. Acquiring a free lease is always safe.
+                self._next_attempt = -math.inf
         actions: list[Action] = []
         if holder is not None and holder != self.node and self._act_until is not None:
             # Cannot happen while our lease runs (the state waits it out); belt and braces.

@@ -23,7 +23,7 @@ Commands (dicts with an "op"):
     register        {node, address, admin, role}            who is who (status shows names)
     acquire         {lease, node, now, duration, seen?: {holder, seq, at}}
     renew           {lease, node, now, duration}
-    release         {lease, node}
+    release         {lease, node, seq?}     seq: only if the holder's latest grant is that one
 
 `version` counts configuration changes (pools); nodes rebuild their pools when it moves. Lease and
 member commands leave it alone.
@@ -34,7 +34,9 @@ the lease, when the requester already holds it, or -- taking over from another h
 requester proves it has seen the holder's CURRENT `seq` for at least `takeover_delay(duration)` of its
 own clock: `seen.seq == seq` and `now - seen.at >= duration * (1 + GUARD)`. Both times are readings of
 the requester's clock, so no two clocks are ever compared and every replica decides the same.
-`renew` and `release` succeed only for the current holder.
+`renew` and `release` succeed only for the current holder. A release with `seq` (what `halb vip release`
+commits, through a live member's admin API, on behalf of a node whose process is gone) succeeds only
+while the holder's latest grant is that `seq`: a stale request can never release a later grant.
 """
 
 from __future__ import annotations
@@ -342,6 +344,17 @@ class ClusterState:
             raise Rejected(
                 "not_found", f"{node} does not hold lease {lease!r} (holder: {holder or 'nobody'})"
             )
+        if "seq" in cmd:  # a release on a stopped holder's behalf: only the grant that was seen
+            seq = cmd["seq"]
+            if isinstance(seq, bool) or not isinstance(seq, int):
+                raise Rejected("invalid", f"seq must be an integer, got {seq!r}")
+            if seq != record["seq"]:
+                raise Rejected(
+                    "conflict",
+                    f"lease {lease!r} of {node} is at seq {record['seq']}, not {seq}",
+                    holder=node,
+                    seq=record["seq"],
+                )
         record["holder"] = None
         record["seq"] += 1
         return {"lease": lease, **record}

@@ -77,6 +77,11 @@ def lab() -> None:
 )
 @click.option("--subnet", default=DEFAULT_SUBNET, show_default=True, help="The lab's /24.")
 @click.option("--timeout", default=control.READY_TIMEOUT, show_default=True, help="Seconds to wait.")
+@click.option(
+    "--sentinel",
+    is_flag=True,
+    help="Redis HA: add a replica (redis2) and a Sentinel host; the balancers use the Sentinel.",
+)
 @lab_errors
 def up(
     prefix: str,
@@ -87,11 +92,21 @@ def up(
     advert_interval: float,
     subnet: str,
     timeout: float,
+    sentinel: bool,
 ) -> None:
     """Build the lab, start every service and wait until each one answers (and one lb holds the VIP)."""
     started = time.monotonic()
     st = control.up(
-        prefix, lbs, backends, witness, vrrp, subnet, timeout, click.echo, advert_interval=advert_interval
+        prefix,
+        lbs,
+        backends,
+        witness,
+        vrrp,
+        subnet,
+        timeout,
+        click.echo,
+        advert_interval=advert_interval,
+        sentinel=sentinel,
     )
     topo = st.topology
     click.echo(f"lab {prefix} up in {time.monotonic() - started:.1f}s: subnet {topo.subnet}, VIP {topo.vip}")

@@ -34,6 +34,8 @@ from halb.lab.topology import (
     BACKEND_PORT,
     DEFAULT_SUBNET,
     REDIS_PORT,
+    REDIS_SERVICE,
+    SENTINEL_PORT,
     SWITCH,
     Host,
     Topology,
@@ -87,13 +89,15 @@ def up(
     timeout: float = READY_TIMEOUT,
     echo: Echo = lambda _: None,
     advert_interval: float = 1.0,
+    sentinel: bool = False,
 ) -> LabState:
     require_root()
-    topo = build(prefix, lbs, backends, witness, subnet)
-    require_tools("ip", "nft", "redis-server")
+    topo = build(prefix, lbs, backends, witness, subnet, sentinel=sentinel)
+    require_tools("ip", "nft", "redis-server", *(["redis-sentinel"] if sentinel else []))
     if load(prefix) is not None or lab_namespaces(prefix):
         raise LabError(f"lab {prefix!r} is already up (or left over): run `halb lab down --prefix {prefix}`")
-    st = LabState(prefix=prefix, topology=topo, options={"vrrp": vrrp, "advert_interval": advert_interval})
+    options = {"vrrp": vrrp, "advert_interval": advert_interval, "sentinel": sentinel}
+    st = LabState(prefix=prefix, topology=topo, options=options)
     st.save()
     try:
         _build(st, vrrp, echo, advert_interval)
@@ -128,6 +132,7 @@ def _build(st: LabState, vrrp: bool, echo: Echo, advert_interval: float = 1.0) -
         path = st.config_path(host.name)
         st.configs[host.name] = str(path)
         path.write_text(node_config(spec, host.name))
+    _redis_configs(st)
     started = time.monotonic()
     for ns in topo.namespaces:
         st.namespaces.append(ns)
@@ -145,6 +150,27 @@ def _build(st: LabState, vrrp: bool, echo: Echo, advert_interval: float = 1.0) -
             processes.start(st, host)
 
 
+def _redis_configs(st: LabState) -> None:
+    """--sentinel: the replica's config (replicaof the first redis) and the sentinel's (it watches that
+    master as REDIS_SERVICE, quorum 1, down after 500 ms). Both live in the run directory."""
+    topo = st.topology
+    redis = topo.by_role("redis")
+    for replica in redis[1:]:
+        path = st.dir / f"{replica.name}.conf"
+        path.write_text(f"replicaof {redis[0].address} {REDIS_PORT}\n")
+        st.configs[replica.name] = str(path)
+    for host in topo.by_role("sentinel"):
+        path = st.dir / f"{host.name}.conf"
+        path.write_text(
+            f"port {SENTINEL_PORT}\nbind {host.address}\ndaemonize no\nprotected-mode no\ndir {st.dir}\n"
+            f"sentinel monitor {REDIS_SERVICE} {redis[0].address} {REDIS_PORT} 1\n"
+            f"sentinel down-after-milliseconds {REDIS_SERVICE} 500\n"
+            f"sentinel failover-timeout {REDIS_SERVICE} 4000\n"
+            f"sentinel parallel-syncs {REDIS_SERVICE} 1\n"
+        )
+        st.configs[host.name] = str(path)
+
+
 def _ready(host: Host) -> bool:
     try:
         if host.role in ("lb", "witness"):
@@ -153,6 +179,8 @@ def _ready(host: Host) -> bool:
             return netns.http_get(host.address, BACKEND_PORT, "/healthz", 0.5)[0] == 200
         if host.role == "redis":
             return netns.redis_ping(host.address, REDIS_PORT, 0.5)
+        if host.role == "sentinel":
+            return netns.redis_ping(host.address, SENTINEL_PORT, 0.5)
     except OSError:
         return False
     return True

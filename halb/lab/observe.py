@@ -11,10 +11,12 @@ balancer, straight from that balancer's namespace:
 * ``holds``: is the VIP on one of its interfaces? One ``RTM_GETADDR`` dump on a netlink socket that was
   opened by a thread which had joined the namespace (a socket stays in the namespace it was made in, so
   the sampler thread itself never switches). A dump costs ~0.1 ms.
-* ``fence``: the lab node's nftables fence, read through libnftables (``ctypes``, ``list ruleset`` in
-  JSON; the context's netlink socket is made inside the namespace, like the address socket): ``None``
-  when the namespace has no nftables table at all, else whether the VIP is an element of one of its sets
-  (an element whose timeout has expired is gone from the set). ~0.2 ms.
+* ``fence``: the node's nftables fence (``halb.vrrp.fence``: tables ``halb_fence`` whose set
+  ``lease_vips`` holds the VIP, with a timeout, only while the node's lease is live; the kernel drops the
+  VIP's traffic and ARP otherwise), read through libnftables (``ctypes``, ``list ruleset`` in JSON; the
+  context's netlink socket is made inside the namespace, like the address socket): ``None`` when the
+  namespace has no nftables table at all, ``True`` ("open") when the VIP is an element of a set there,
+  ``False`` ("closed") otherwise -- an element whose timeout ran out is gone from the set. ~0.2 ms.
 * ``answers``: would its kernel answer for the VIP *right now*? An ARP probe (RFC 5227: sender address
   0.0.0.0, a made-up locally administered sender MAC) is sent from the client namespace to each
   balancer's MAC, asking for the VIP; a reply from that MAC within the tick counts. The kernel of a
@@ -242,7 +244,8 @@ class NodeView:
 
     @property
     def fence(self) -> bool | None:
-        """None: no nftables at all; else whether the VIP is in a fence set (the kernel lets it answer)."""
+        """None: no nftables in the namespace; True: the fence is open (the VIP is in a set: the kernel
+        lets its traffic and ARP through); False: closed."""
         return None if not self.nft else bool(self.fence_sets)
 
 
@@ -496,8 +499,7 @@ class Observer:
             self._settle(pending[:-1])
             del pending[:-1]
             n = max(n + 1, int((time.monotonic() - self.t0) / self.interval) + 1)
-        time.sleep(self.interval)
-        self._settle(pending)
+        # the last tick is dropped: the sniffer stops with the sampler, so its probe replies may be missing
 
     def _settle(self, ticks: list[tuple[int, float, dict[str, tuple[bool, bool, tuple[str, ...]]]]]) -> None:
         for n, at, views in ticks:

@@ -46,10 +46,17 @@ def service_argv(host: Host, config_path: Path | None) -> list[str] | None:
     if host.role == "web":
         return [sys.executable, "-m", "halb", "demo-backend", host.name, "--listen", "0.0.0.0:80"]
     if host.role == "redis":
+        # a replica (the lab's --sentinel: redis2) starts from its config file (replicaof ...)
+        conf = [str(config_path)] if config_path is not None else []
         return [
-            "redis-server", "--bind", host.address, "--port", str(REDIS_PORT), "--save", "",
+            "redis-server", *conf, "--bind", host.address, "--port", str(REDIS_PORT), "--save", "",
             "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
+    if host.role == "sentinel":
+        if config_path is None:
+            raise LabError(f"{host.name} has no sentinel config")
+        return ["redis-sentinel", str(config_path)]  # (sentinel rewrites it: it lives in the run dir)
     return None
 
 

@@ -10,8 +10,10 @@ and `halb lab kill lb1` SIGKILLs `halb serve` and its proxy workers but not the 
 end -- however it ends, SIGKILL included -- and then runs `halb vip release CFG` in-process (same code as
 the CLI command, imported while the service runs so the release takes milliseconds, not an interpreter
 start). That is exactly what systemd's `ExecStopPost=halb vip release CFG` does on a real host: a killed
-node never keeps answering ARP for a VIP a peer has taken over. The supervisor then exits with the
-service's status (128 + signal number when it was killed by a signal).
+node never keeps answering ARP for a VIP a peer has taken over. With the VIP lease ([cluster]) the release
+also closes and deletes the node's nft fence and has a live member release the node's lease (bounded by
+~1.5 s), so the next VRRP master takes the VIP over at once instead of after the lease's expiry. The
+supervisor then exits with the service's status (128 + signal number when it was killed by a signal).
 
 SIGTERM/SIGINT/SIGHUP sent to the supervisor are passed on to the service's process group.
 """
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.release:
         import pyroute2  # noqa: F401  (imported now, while the service runs, so the release is fast)
 
+        import halb.cluster.handoff
+        import halb.vrrp.fence  # noqa: F401
         from halb.cli import main as halb_main
 
         def release() -> None:

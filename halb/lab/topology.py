@@ -10,6 +10,8 @@ the same (default subnet 10.99.0.0/24):
     VIP          .100
     witness      .240
     redis        .200
+    redis2       .201           (--sentinel: a replica of redis)
+    sentinel     .210           (--sentinel: redis-sentinel on SENTINEL_PORT, watching redis as "halb")
     client       .250
 
 Two labs with different prefixes may use the same subnet: each has its own bridge in its own namespace,
@@ -35,11 +37,22 @@ ADMIN_PORT = 9901
 LISTEN_PORT = 80
 BACKEND_PORT = 80
 REDIS_PORT = 6379
+SENTINEL_PORT = 26379
+REDIS_SERVICE = "halb"  # the master's name in the lab's Sentinel
 MAX_LBS = 39
 MAX_BACKENDS = 49
-ROLES = ("lb", "web", "redis", "client", "witness")
+ROLES = ("lb", "web", "redis", "client", "witness", "sentinel")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-_OFFSETS = {"lb": 10, "web": 50, "vip": 100, "redis": 200, "witness": 240, "client": 250}
+_OFFSETS = {
+    "lb": 10,
+    "web": 50,
+    "vip": 100,
+    "redis": 200,
+    "redis2": 201,
+    "sentinel": 210,
+    "witness": 240,
+    "client": 250,
+}
 
 
 class TopologyError(ValueError):
@@ -91,6 +104,7 @@ class Topology:
         """The halb cluster that runs on this lab (the balancers' configs come from it)."""
         witness = self.by_role("witness")
         redis = self.by_role("redis")
+        sentinels = self.by_role("sentinel")
         return ClusterSpec(
             lbs=tuple(NodeSpec(h.name, h.address) for h in self.by_role("lb")),
             backends=tuple(BackendSpec(h.name, h.address, BACKEND_PORT) for h in self.by_role("web")),
@@ -100,6 +114,8 @@ class Topology:
             admin_port=ADMIN_PORT,
             redis=f"{redis[0].address}:{REDIS_PORT}" if redis else None,
             witness=NodeSpec(witness[0].name, witness[0].address) if witness else None,
+            redis_sentinels=tuple(f"{h.address}:{SENTINEL_PORT}" for h in sentinels),
+            redis_service=REDIS_SERVICE,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +150,7 @@ def build(
     backends: int = 2,
     witness: bool = False,
     subnet: str = DEFAULT_SUBNET,
+    sentinel: bool = False,
 ) -> Topology:
     check_prefix(prefix)
     if not 1 <= lbs <= MAX_LBS:
@@ -156,6 +173,9 @@ def build(
     hosts = [host(f"lb{i}", "lb", _OFFSETS["lb"] + i) for i in range(1, lbs + 1)]
     hosts += [host(f"web{i}", "web", _OFFSETS["web"] + i) for i in range(1, backends + 1)]
     hosts.append(host("redis", "redis", _OFFSETS["redis"]))
+    if sentinel:
+        hosts.append(host("redis2", "redis", _OFFSETS["redis2"]))
+        hosts.append(host("sentinel", "sentinel", _OFFSETS["sentinel"]))
     if witness:
         hosts.append(host("witness", "witness", _OFFSETS["witness"]))
     hosts.append(host("client", "client", _OFFSETS["client"]))

@@ -446,7 +446,7 @@ class HttpConnection(Channel):
         queue = listener.queue
         try:
             if self.sticky is not None:  # [state] hook: the session's backend replaces the policy's choice
-                backend = self.sticky.backend
+                backend: Backend | None = self.sticky.backend
             elif queue is None:
                 backend = pool.choose(ctx)
             else:

@@ -19,12 +19,21 @@ calls `await hook.before_choose(conn, req, ctx)` before a backend is chosen:
    a token (`RateLimiter.check`: Redis Lua script, cluster-wide; per-node buckets while Redis is
    unavailable). A refusal is returned as a `Refusal` (429, a body that names the rule, `Retry-After`),
    which the proxy sends; a leaky-bucket admission with a `delay` waits that long first (shaping).
-2. stickiness: the session key (cookie mode: the `HALBSID` cookie if it holds a well-formed id, else a
-   new id that will be sent in `Set-Cookie`; source_ip: the client address; header: the header's value,
-   no header = not sticky), then `StickySessions.resolve` (one GETEX that also slides the TTL) and, for
-   new or rehomed sessions, `remember` (one SET). The result is put on the connection as
-   `conn.sticky` (a `RequestSticky`: backend, key, cookie line); the proxy sends the request there
-   instead of asking the pool's policy. No backend -> `conn.sticky` is None and the policy answers 503.
+2. stickiness (`PoolSticky.choose`): the session key -- cookie mode: the `HALBSID` cookie if it holds a
+   well-formed id; source_ip: the client address; header: the header's value (no header = not sticky).
+   - no cookie (cookie mode): a new session. The pool's policy picks the backend and `mint` draws random
+     ids until the consistent-hash ring maps one to that backend (about one try per backend), so new
+     sessions spread as the policy wants AND the ring finds every one of them while Redis is down. One
+     SET stores the mapping; the response gets `Set-Cookie`.
+   - a key: the worker's cache first (key -> backend for `sticky.cache` seconds, used only while that
+     backend is healthy; bounded, oldest evicted), else `StickySessions.resolve` (one GETEX that also
+     slides the TTL; rehomes a session whose backend is down or gone, keeps a draining one's) and, for
+     new or rehomed sessions, `remember` (one SET). The cache is what keeps a hot session's cost near zero
+     (redis-py costs ~60-100 us of CPU per call, as much as proxying the request); its price is that a
+     mapping changed by another node is seen here up to `cache` seconds late.
+   The result is put on the connection as `conn.sticky` (a `RequestSticky`: backend, key, cookie line);
+   the proxy sends the request there instead of asking the pool's policy. No backend -> `conn.sticky` is
+   None and the policy answers 503.
 
 If a connect to the sticky backend fails, the proxy's usual retry picks another backend; it then calls
 `hook.rehomed(conn, backend)`, which stores the new mapping (the session follows). When a new id was
@@ -40,7 +49,9 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import logging
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +68,7 @@ from halb.state import (
     new_session_id,
     valid_session_id,
 )
-from halb.state.sessions import NEW, REHOMED
+from halb.state.sessions import FALLBACK, NEW, REHOMED
 
 if TYPE_CHECKING:
     from halb.balancing.base import Context
@@ -67,6 +78,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("halb.proxy.state")
 
 MAX_SESSION_KEY = 200  # longer header values are replaced by their hash (store keys stay small)
+MAX_CACHED = 100_000  # session mappings cached per pool and worker
 MINT_TRIES = 64  # random ids tried to find one the ring maps to the policy's backend (p(miss) ~ e^-64/N)
 
 
@@ -146,12 +158,14 @@ def cookie_line(config: StickyConfig, session_id: str) -> bytes:
     return "; ".join(parts).encode("latin-1") + b"\r\n"
 
 
+_COOKIE_FIELD = re.compile(rb"\r\ncookie:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+
 def find_cookie(req: RequestHead, name: bytes) -> bytes | None:
-    """The value of cookie `name` in the request's Cookie header(s), or None."""
-    for hname, value in req.headers:
-        if len(hname) != 6 or hname.lower() != b"cookie":
-            continue
-        for part in value.split(b";"):
+    """The value of cookie `name` in the request's Cookie header(s), or None. Scans the raw head with one
+    regex (C speed) instead of building the header list (`req.headers`), which costs more per request."""
+    for match in _COOKIE_FIELD.finditer(req.raw, max(0, req.fields_start - 2)):
+        for part in match.group(1).split(b";"):
             key, sep, val = part.strip(b" \t").partition(b"=")
             if sep and key == name:
                 return val.strip(b'"')
@@ -169,6 +183,11 @@ class PoolSticky:
         self.header = config.name.lower().encode()
         self.sessions = StickySessions(pool.name, pool.backends, store, config.ttl)
         self._backends = pool.backends  # the list the ring was built from (Pool.reconfigure replaces it)
+        self._by_name = {b.name: b for b in pool.backends}
+        # The worker's cache: session key -> (backend name, valid until loop.time()); see the module doc.
+        self.cache_for = config.cache
+        self._cache: dict[str, tuple[str, float]] = {}
+        self.cache_hits = 0
         self.cookies_issued = 0
         self.retry_rehomed = 0
         self.unkeyed = 0  # requests without a session key (header mode without the header)
@@ -177,7 +196,18 @@ class PoolSticky:
     def refresh(self) -> None:
         """Follow the pool: membership (a new list) at once, weights at the next housekeeping tick."""
         self._backends = self.pool.backends
+        self._by_name = {b.name: b for b in self._backends}
         self.sessions.update(self._backends)
+
+    def _cache_put(self, key: str, backend: Backend, now: float) -> None:
+        if self.cache_for <= 0:
+            return
+        cache = self._cache
+        cache.pop(key, None)  # re-inserted at the end: the oldest entries are evicted first
+        cache[key] = (backend.name, now + self.cache_for)
+        if len(cache) > MAX_CACHED:
+            for old in list(itertools.islice(cache, len(cache) - MAX_CACHED + MAX_CACHED // 100)):
+                del cache[old]
 
     def session_key(self, req: RequestHead, client_ip: str) -> str | None:
         """The session key of a request: a valid cookie id, the client address, the header's value; None
@@ -192,12 +222,12 @@ class PoolSticky:
             return None
         if mode == "source_ip":
             return client_ip
-        value = req.header(self.header)
-        if not value:
+        header = req.header(self.header)
+        if not header:
             return None
-        if len(value) > MAX_SESSION_KEY:
-            return "#" + hashlib.blake2b(value, digest_size=16).hexdigest()
-        return value.decode("latin-1")
+        if len(header) > MAX_SESSION_KEY:
+            return "#" + hashlib.blake2b(header, digest_size=16).hexdigest()
+        return header.decode("latin-1")
 
     def mint(self, backend: Backend) -> tuple[str, Backend | None]:
         """A new session id that the consistent-hash ring maps to `backend` (the policy's choice), so the
@@ -235,12 +265,23 @@ class PoolSticky:
             sessions.counts[NEW] += 1
             await sessions.remember(key, choice)  # a fresh 128-bit id has no mapping yet: no lookup
             self.cookies_issued += 1
+            self._cache_put(key, backend, ctx.now)
             return RequestSticky(backend, key, cookie_line(self.config, key))
+        entry = self._cache.get(key)
+        if entry is not None:
+            if ctx.now < entry[1]:
+                cached = self._by_name.get(entry[0])
+                if cached is not None and cached.healthy:  # (a draining backend keeps its sessions)
+                    self.cache_hits += 1
+                    return RequestSticky(cached, key, b"")
+            del self._cache[key]
         choice = await sessions.resolve(key)
         if choice.backend is None:
             return None
         if choice.write:
             await sessions.remember(key, choice)
+        if choice.source != FALLBACK:  # (without the store, the ring decides each time at no cost)
+            self._cache_put(key, choice.backend, ctx.now)
         return RequestSticky(choice.backend, key, b"")
 
     def rehomed(self, sticky: RequestSticky, backend: Backend) -> asyncio.Task[bool]:
@@ -248,6 +289,7 @@ class PoolSticky:
         write, returned as a task)."""
         sticky.backend = backend
         self.retry_rehomed += 1
+        self._cache_put(sticky.key, backend, asyncio.get_running_loop().time())
         choice = StickyChoice(backend, True, REHOMED)
         return asyncio.get_running_loop().create_task(self.sessions.remember(sticky.key, choice))
 
@@ -257,6 +299,7 @@ class PoolSticky:
         counts["retry_rehomed"] = self.retry_rehomed
         counts["unkeyed"] = self.unkeyed
         counts["mint_misses"] = self.mint_misses
+        counts["cache"] = self.cache_hits
         return counts
 
 

@@ -43,6 +43,16 @@ then ``machine.startup``).
 script gets, so keepalived scripts work unchanged. Runs are queued and executed one at a time in the
 background, each bounded by a timeout (then killed); failures are logged and counted, never fatal.
 
+**The VIP lease** (``[cluster]``, :mod:`halb.vrrp.lease_gate`): the VIP port is then a
+``LeasedVipPort`` whose ``add``/``send_garp`` raise :class:`~halb.vrrp.lease_gate.LeaseRequired` unless
+the lease allows the action at that instant; the driver counts those (``adds_deferred``,
+``garps_suppressed``) instead of logging errors. ``advert_gate`` (set by the ``LeaseGuard``) is asked
+before every advert with a non-zero priority; False skips it (``adverts_suppressed``); an advert queued
+while MASTER is also skipped when the machine is no longer MASTER by the time it is sent.
+:meth:`VrrpDriver.resign` (lease lost: priority-0 advert, VIPs removed, BACKUP) and
+:meth:`VrrpDriver.reclaim_vips` (lease granted while MASTER: AddVips + the GARP rounds) are how the guard
+acts on the driver.
+
 **Stop** (:meth:`VrrpDriver.stop`, the SIGTERM path): ``machine.shutdown`` -> a MASTER sends a priority-0
 advert (a backup takes over after Skew_Time instead of Master_Down_Interval) and drops its VIPs; then
 every configured VIP is removed once more (idempotent), the socket is closed, and the STOP notify is
@@ -80,6 +90,7 @@ from halb.vrrp.codec import (
     decode,
     encode,
 )
+from halb.vrrp.lease_gate import LeaseRequired
 from halb.vrrp.machine import (
     Action,
     AddVips,
@@ -312,6 +323,11 @@ class VrrpDriver:
         self.last_advert: tuple[float, str, int] | None = None  # (clock time, source, priority)
         self.last_transition: Transition | None = None
         self.last_vip_error: str | None = None
+        # the VIP lease (halb.vrrp.lease_gate): refused master actions, and the advert gate
+        self.advert_gate: Callable[[], bool] | None = None
+        self.adds_deferred = 0
+        self.garps_suppressed = 0
+        self.adverts_suppressed = 0
 
     # ----------------------------------------------------------------- read-only view
     @property
@@ -377,6 +393,11 @@ class VrrpDriver:
             "last_vip_error": self.last_vip_error,
             "garp_rounds": self.garp_rounds,
             "garp_errors": self.garp_errors,
+            "lease": {
+                "adds_deferred": self.adds_deferred,
+                "garps_suppressed": self.garps_suppressed,
+                "adverts_suppressed": self.adverts_suppressed,
+            },
             "transitions": self.transitions,
             "last_transition": (
                 {
@@ -523,6 +544,26 @@ class VrrpDriver:
             return
         self._feed(machine.set_priority(now, self.tracking.effective_priority))
 
+    def resign(self, reason: str) -> bool:
+        """Leave MASTER now but keep running as BACKUP (priority-0 advert, VIPs removed); see
+        ``VrrpMachine.resign``. False (nothing done) unless MASTER."""
+        machine = self._machine
+        if machine is None or self._stopped or machine.state is not State.MASTER:
+            return False
+        log.warning("vrrp %s: resigning as MASTER: %s", self.name, reason)
+        self._feed(machine.resign(self.clock()))
+        return True
+
+    def reclaim_vips(self) -> bool:
+        """While MASTER: add the VIPs and start the GARP rounds again (after the lease was granted, or
+        an add that failed). False (nothing done) unless MASTER."""
+        machine = self._machine
+        if machine is None or self._stopped or machine.state is not State.MASTER:
+            return False
+        vips = tuple(self.settings.vip_addresses)
+        self._feed([AddVips(vips), SendGarp(vips)])
+        return True
+
     def datagram_received(self, data: bytes) -> None:
         """One IPv4 datagram from the raw socket. Never raises."""
         try:
@@ -666,10 +707,20 @@ class VrrpDriver:
     async def _apply(self, item: _Queued) -> None:
         action = item.action
         if isinstance(action, SendAdvert):
+            if action.priority > 0:
+                if self.advert_gate is not None and not self.advert_gate():
+                    self.adverts_suppressed += 1
+                    return
+                machine = self._machine
+                if machine is None or machine.state is not State.MASTER:
+                    return  # queued while MASTER, stale now (resigned or stopped since)
             self._send_advert(action)
         elif isinstance(action, AddVips):
             try:
                 await self.vip_port.add(self._forms(action.addresses))
+            except LeaseRequired as exc:
+                self.adds_deferred += 1
+                log.info("vrrp %s: VIPs not added yet: %s", self.name, exc)
             except (VipError, OSError) as exc:
                 self._vip_failed(f"add: {exc}")
         elif isinstance(action, SendGarp):
@@ -726,6 +777,9 @@ class VrrpDriver:
         try:
             await self.vip_port.send_garp(list(addresses))
             self.garp_rounds += 1
+        except LeaseRequired as exc:
+            self.garps_suppressed += 1
+            log.info("vrrp %s: GARP suppressed: %s", self.name, exc)
         except (VipError, OSError) as exc:
             self.garp_errors += 1
             log.warning("vrrp %s: GARP failed: %s", self.name, exc)

@@ -68,10 +68,20 @@ MASTER      advert p == 0                     SendAdvert(P); Adver_Timer reset  
 MASTER      advert p > P, or p == P and the   RemoveVips, StateChanged;                   BACKUP
             sender's address is greater       Master_Adver_Interval := advert's;
                                               Master_Down_Timer
-MASTER      advert p < P, or p == P and the   SendAdvert(P) (keepalived; RFC: discard),   MASTER
-            sender's address is lower         or none if reassert_on_lower_priority=False
+MASTER      advert p < P, or p == P and the   SendAdvert(P) (keepalived; RFC: discard)    MASTER
+            sender's address is lower         + SendGarp at most once a second (a split
+                                              brain is ending: the client may still map
+                                              the VIP to the other node's MAC), or none
+                                              if reassert_on_lower_priority=False
 MASTER      set_priority (changed)            SendAdvert(new P) at once; Adver_Timer      MASTER
+MASTER      resign (not in the RFC)           SendAdvert(0), RemoveVips, StateChanged;    BACKUP
+                                              Master_Down_Timer
+BACKUP/INIT resign                            none                                        same
 =========== ================================= =========================================== ===========
+
+``resign`` is halb's, for the VIP lease (``halb.vrrp.lease_gate``): a MASTER that may no longer hold the
+addresses leaves MASTER the way a stopping one does (a priority-0 advert, so a backup takes over after
+Skew_Time), but stays in the protocol as BACKUP, with its own advert interval as Master_Adver_Interval.
 
 What the driver does with each action
 -------------------------------------
@@ -131,6 +141,8 @@ __all__ = [
 ]
 
 OWNER_PRIORITY = 255
+# A MASTER hearing a lower-priority advert (a split brain ending) re-sends GARP at most this often.
+REASSERT_GARP_INTERVAL = 1.0
 
 
 class State(Enum):
@@ -149,6 +161,7 @@ class TransitionReason(StrEnum):
     MASTER_DOWN = "master_down_timer"  # BACKUP -> MASTER
     HIGHER_PRIORITY = "higher_priority_advert"  # MASTER -> BACKUP
     SHUTDOWN = "shutdown"  # BACKUP/MASTER -> INITIALIZE
+    RESIGNED = "resigned"  # MASTER -> BACKUP: told to give mastership up (halb: the VIP lease was lost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +271,7 @@ class VrrpMachine:
         self._master_adver_interval = config.advert_interval_cs / 100
         self._deadline: float | None = None
         self._preempt_until: float | None = None
+        self._last_reassert_garp: float | None = None
         self._master_ip: str | None = None
         self._own_address = int(ipaddress.IPv4Address(config.primary_ip))
 
@@ -327,6 +341,21 @@ class VrrpMachine:
         if old is State.MASTER:
             return [SendAdvert(self._advert(0)), RemoveVips(self.config.virtual_ips), changed]
         return [changed]
+
+    def resign(self, now: float) -> list[Action]:
+        """Give mastership up but keep running (see the transition table). No-op unless MASTER."""
+        if self._state is not State.MASTER:
+            return []
+        self._state = State.BACKUP
+        self._preempt_until = None
+        self._master_ip = None
+        self._master_adver_interval = self._own_interval
+        self._deadline = now + self.master_down_interval
+        return [
+            SendAdvert(self._advert(0)),
+            RemoveVips(self.config.virtual_ips),
+            StateChanged(State.MASTER, State.BACKUP, TransitionReason.RESIGNED),
+        ]
 
     def timer_fired(self, now: float) -> list[Action]:
         """The single timer expired. Does nothing if there is no deadline or ``now`` is before it."""
@@ -440,6 +469,14 @@ class VrrpMachine:
                 RemoveVips(self.config.virtual_ips),
                 StateChanged(State.MASTER, State.BACKUP, TransitionReason.HIGHER_PRIORITY),
             ]
-        if self.config.reassert_on_lower_priority:
-            return [SendAdvert(self._advert(self._priority))]
-        return []
+        if not self.config.reassert_on_lower_priority:
+            return []
+        actions: list[Action] = [SendAdvert(self._advert(self._priority))]
+        # Only a node that believes it is MASTER sends adverts, so this ends a split brain (a healed
+        # partition): the other master now steps down, but the client may still map the VIP to its MAC.
+        # Re-announce with GARP, at most once per REASSERT_GARP_INTERVAL while the other keeps advertising.
+        last = self._last_reassert_garp
+        if last is None or now - last >= REASSERT_GARP_INTERVAL:
+            self._last_reassert_garp = now
+            actions.append(SendGarp(self.config.virtual_ips))
+        return actions

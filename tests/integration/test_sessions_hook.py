@@ -185,8 +185,34 @@ def test_cookie_sessions_stick_and_new_ones_follow_the_policy() -> None:
             assert forged.cookie is not None and forged.cookie != "../../etc/passwd"
             await asyncio.sleep(0)
             counts = r.stats()["sticky"]["app"]
-            assert counts["new"] == 7 and counts["store"] == 12 and counts["cookies_issued"] == 7
-            assert counts["mint_misses"] == 0
+            assert counts["new"] == 7 and counts["cookies_issued"] == 7 and counts["mint_misses"] == 0
+            assert counts["cache"] == 12 and "store" not in counts  # hot sessions: the worker's cache
+
+    run(main())
+
+
+def test_the_worker_cache_sees_another_nodes_change_within_cache_seconds() -> None:
+    async def main() -> None:
+        async with rig(sticky={"mode": "cookie", "cache": 0.3}) as r:
+            reply = await r.get()
+            sid, home = reply.cookie, reply.backend
+            assert sid is not None
+            other = "web3" if home != "web3" else "web1"
+            r.store._sessions[("app", sid)] = (other, r.store._clock() + 600)  # another node moved it
+            assert (await r.get(Cookie=f"HALBSID={sid}")).backend == home  # cached
+            await asyncio.sleep(0.35)
+            assert (await r.get(Cookie=f"HALBSID={sid}")).backend == other  # asked the store again
+            calls = r.store.calls
+            for _ in range(5):
+                await r.get(Cookie=f"HALBSID={sid}")
+            assert r.store.calls == calls  # and cached again
+        async with rig(sticky={"mode": "cookie", "cache": 0}) as r:
+            sid = (await r.get()).cookie
+            calls = r.store.calls
+            for _ in range(3):
+                await r.get(Cookie=f"HALBSID={sid}")
+            assert r.store.calls == calls + 3  # cache = 0: the store every time
+            assert r.stats()["sticky"]["app"]["store"] == 3
 
     run(main())
 
@@ -270,7 +296,7 @@ def test_connect_failure_retry_rehomes_the_session() -> None:
 
 def test_store_unavailable_falls_back_to_the_ring() -> None:
     async def main() -> None:
-        async with rig(sticky={"mode": "cookie"}) as r:
+        async with rig(sticky={"mode": "cookie", "cache": 0}) as r:  # (every request asks the store)
             sessions = [(await r.get()) for _ in range(30)]
             r.store.fail = True
             started = time.monotonic()
@@ -387,7 +413,7 @@ def test_rules_and_stickiness_together() -> None:
             assert (await r.get(Cookie=f"HALBSID={first.cookie}")).backend == first.backend
             refused = await r.get(Cookie=f"HALBSID={first.cookie}")
             assert refused.status == 429 and refused.cookie is None
-            assert r.stats()["sticky"]["app"]["store"] == 1  # the refused request never reached stickiness
+            assert r.stats()["sticky"]["app"]["cache"] == 1  # the refused request never reached stickiness
 
     run(main())
 

@@ -384,7 +384,10 @@ def summary(rows: list[tuple[float, int, bool, float]]) -> str:
     landed = sum(r[2] for r in rows)
     secs = sorted(r[3] for r in rows)
     p99 = secs[min(len(secs) - 1, int(len(secs) * 0.99))]
-    return f"{len(rows)} requests, {landed / len(rows):.1%} on their backend, p99 {p99 * 1000:.1f} ms, max {secs[-1] * 1000:.0f} ms"
+    return (
+        f"{len(rows)} requests, {landed / len(rows):.1%} on their backend, "
+        f"p99 {p99 * 1000:.1f} ms, max {secs[-1] * 1000:.0f} ms"
+    )
 
 
 def test_redis_frozen_killed_and_restarted_under_load(rig: Rig) -> None:
@@ -442,7 +445,7 @@ def test_redis_frozen_killed_and_restarted_under_load(rig: Rig) -> None:
         report("redis down under load", f"SIGKILL 1.5 s: {summary(killed)}")
         report(
             "redis down under load",
-            f"restarted empty: status ok again {marks['recovered'] - marks['restart']:.2f}s after the restart; "
+            f"restarted empty: status ok {marks['recovered'] - marks['restart']:.2f}s after the restart; "
             f"then {summary(after)}; total {len(rows)} requests, 0 x 5xx",
         )
 

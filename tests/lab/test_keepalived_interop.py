@@ -25,16 +25,13 @@ the lab's teardown then checks that nothing of the lab is left.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -47,6 +44,7 @@ from halb.lab import control, failover
 from halb.lab.netns import in_netns, ipv4_addresses
 from halb.vrrp.codec import DecodeError, decode, encode
 from tests.conftest import report
+from tests.lab.keepalived import KeepalivedNode, stop_group
 from tests.lab.test_lab import Lab, running_lab, wait_for
 
 pytestmark = [
@@ -63,33 +61,7 @@ HALB_PRIORITY, KEEPALIVED_PRIORITY = 150, 140
 INSTANCE = "VI_HALB"
 # RFC 5798 6.1, as keepalived computes it for its own priority
 MASTER_DOWN = 3 * ADVERT + (256 - KEEPALIVED_PRIORITY) * ADVERT / 256
-MARGIN = 0.5
-
-CONFIG = """\
-global_defs {{
-    router_id halb_interop
-    vrrp_version 3
-    script_user root
-    enable_script_security
-}}
-vrrp_instance {instance} {{
-    state BACKUP
-    interface eth0
-    virtual_router_id {vrid}
-    priority {priority}
-    advert_int {advert}
-    virtual_ipaddress {{
-        {vip}/32 dev eth0
-    }}
-    notify {notify}
-}}
-"""
-
-NOTIFY = """\
-#!/bin/sh
-# keepalived runs: notify INSTANCE <name> <MASTER|BACKUP|FAULT|STOP> <priority>
-echo "$(date +%s.%N) $1 $2 $3 $4" >> {states}
-"""
+MARGIN = 1.0  # the lab shares 2 CPUs with whatever else runs: scheduling delays, not protocol
 
 
 def without_tables(toml: str, *names: str) -> str:
@@ -103,99 +75,45 @@ def without_tables(toml: str, *names: str) -> str:
     return "".join(kept)
 
 
-class Keepalived:
-    """keepalived (VRRP only) in one namespace, with its files in a private temporary directory.
-
-    Beside it runs `halb serve` with the node's lab config minus its [vrrp] table: the proxy that answers on
-    the VIP once keepalived has moved it there (the keepalived + HAProxy pair, with halb as the proxy).
-    """
+class Keepalived(KeepalivedNode):
+    """keepalived (tests/lab/keepalived.py) in lb2's namespace, and beside it `halb serve` with the node's lab
+    config minus its [vrrp] and [cluster] tables: the proxy that answers on the VIP once keepalived has
+    moved it there (the keepalived + HAProxy pair, with halb as the proxy)."""
 
     def __init__(self, namespace: str, halb_config: str) -> None:
-        self.namespace = namespace
-        self.dir = Path(tempfile.mkdtemp(prefix="halb-keepalived-"))
-        os.chmod(self.dir, 0o755)  # enable_script_security: no path component writable by others
-        self.states = self.dir / "states"
-        self.log = self.dir / "keepalived.log"
-        notify = self.dir / "notify.sh"
-        notify.write_text(NOTIFY.format(states=self.states))
-        notify.chmod(0o755)
-        self.conf = self.dir / "keepalived.conf"
-        self.conf.write_text(
-            CONFIG.format(
-                instance=INSTANCE,
-                vrid=VRID,
-                priority=KEEPALIVED_PRIORITY,
-                advert=ADVERT,
-                vip=VIP,
-                notify=notify,
-            )
-        )
+        super().__init__(namespace, KEEPALIVED_PRIORITY, VIP, vrid=VRID, advert=ADVERT, instance=INSTANCE)
         self.proxy_conf = self.dir / "halb-proxy.toml"
         self.proxy_conf.write_text(without_tables(Path(halb_config).read_text(), "vrrp", "cluster"))
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.proxy: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        check = subprocess.run(["keepalived", "--config-test", "-f", str(self.conf)], capture_output=True)
-        assert check.returncode == 0, f"keepalived rejects the config: {check.stderr.decode()}"
-        keepalived = [
-            "keepalived", "--dont-fork", "--log-console", "--no-syslog", "--vrrp", "--dont-respawn",
-            "-f", str(self.conf), "-p", str(self.dir / "keepalived.pid"), "-r", str(self.dir / "vrrp.pid"),
-        ]  # fmt: skip
-        self._spawn(keepalived, self.log)
-        self._spawn(
-            [sys.executable, "-m", "halb", "serve", str(self.proxy_conf)], self.dir / "halb-proxy.log"
-        )
-
-    def _spawn(self, argv: list[str], log_path: Path) -> None:
-        with open(log_path, "wb") as log:
-            self.procs.append(
-                subprocess.Popen(
-                    ["ip", "netns", "exec", self.namespace, *argv],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+        super().start()
+        with open(self.dir / "halb-proxy.log", "wb") as log:
+            self.proxy = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.namespace,
+                    sys.executable,
+                    "-m",
+                    "halb",
+                    "serve",
+                    str(self.proxy_conf),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
-    def state_lines(self) -> list[list[str]]:
-        try:
-            return [line.split() for line in self.states.read_text().splitlines() if line.strip()]
-        except FileNotFoundError:
-            return []
-
-    def state(self) -> str | None:
-        """keepalived's own last word on its state (from the notify script)."""
-        lines = self.state_lines()
-        return lines[-1][3] if lines else None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
     def close(self) -> None:
-        """Stop keepalived and the proxy however they are, then remove every file of theirs."""
+        """Stop the proxy and keepalived however they are, then remove every file of theirs."""
         try:
-            for proc in self.procs:
-                _stop_group(proc)
+            if self.proxy is not None:
+                stop_group(self.proxy)
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL it after 5 s; then SIGKILL anything left in the group
-    (keepalived's VRRP child, halb's workers)."""
-    with contextlib.suppress(ProcessLookupError):
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-    group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
-    for pid in group.stdout.split():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
+            super().close()
 
 
 # --- looking at the lab ---------------------------------------------------------------------------------
@@ -383,7 +301,11 @@ def test_kill_halb_keepalived_takes_over_then_halb_preempts(lab: Lab, keepalived
         "keepalived interop",
         f"halb lb1 restarted -> preempts keepalived: VIP back {preempt:.3f}s after start",
     )
-    assert [line[3] for line in keepalived.state_lines()][-3:] == ["BACKUP", "MASTER", "BACKUP"]
+    states = [line[3] for line in keepalived.state_lines()]
+    detail = f"keepalived's states: {states}\n{keepalived.log_text()[-1500:]}"
+    assert states[:3] == ["BACKUP", "MASTER", "BACKUP"] and states[-1] == "BACKUP", detail
+    if len(states) > 3:  # a preempting master that stalls longer than Master_Down_Interval (0.1 s adverts)
+        report("keepalived interop", f"keepalived flapped after halb preempted: {' '.join(states)}")
 
 
 def test_failover_runner_with_keepalived_as_the_backup(lab: Lab, keepalived: Keepalived) -> None:

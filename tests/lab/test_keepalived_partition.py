@@ -17,18 +17,21 @@ The figures go beside halb's scenario b in docs/quorum.md. keepalived is stopped
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from halb.lab import control
 from halb.lab.observe import Observer, describe, figures
 from tests.conftest import report
-from tests.lab.keepalived import KeepalivedNode
+from tests.lab.keepalived import KeepalivedNode, stop_group
 from tests.lab.test_lab import Lab, running_lab, wait_for
 
 pytestmark = [
@@ -42,6 +45,8 @@ VIP = "10.99.0.100"
 PRIORITY = {"lb1": 150, "lb2": 140}
 MASTER_DOWN_LB2 = 3 * ADVERT + (256 - PRIORITY["lb2"]) * ADVERT / 256
 CUT = 3.0  # seconds the partition lasts
+RATE = 50.0  # requests/s through the VIP
+AFTER = 3.0  # seconds observed after heal
 
 
 def holders(lab: Lab) -> list[str]:
@@ -62,7 +67,41 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="module")
-def nodes(lab: Lab) -> Iterator[dict[str, KeepalivedNode]]:
+def services(lab: Lab) -> Iterator[None]:
+    """The service behind the VIP on each keepalived node: `halb demo-backend lbN` on port 80, whose
+    answer names the node that served it."""
+    procs = []
+    try:
+        for name in PRIORITY:
+            argv = ["ip", "netns", "exec", lab.ns(name), sys.executable, "-m", "halb", "demo-backend", name]
+            procs.append(
+                subprocess.Popen(
+                    [*argv, "--listen", "0.0.0.0:80"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        for name, address in (("lb1", "10.99.0.11"), ("lb2", "10.99.0.12")):
+            wait_for(lambda a=address: serves(lab, a), timeout=10, what=f"the service on {name}")
+        yield
+    finally:
+        for proc in procs:
+            stop_group(proc)
+    for name in PRIORITY:
+        wait_for(lambda n=name: not ns_pids(lab.ns(n)), timeout=5, what=f"no process left in {name}")
+
+
+def serves(lab: Lab, address: str) -> bool:
+    try:
+        return lab.get(address, timeout=0.5)[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def nodes(lab: Lab, services: None) -> Iterator[dict[str, KeepalivedNode]]:
     made: dict[str, KeepalivedNode] = {}
     try:
         for name, priority in PRIORITY.items():
@@ -80,11 +119,19 @@ def nodes(lab: Lab) -> Iterator[dict[str, KeepalivedNode]]:
             node.close()
     for name, node in made.items():
         assert not node.dir.exists()
-        wait_for(lambda n=name: not ns_pids(lab.ns(n)), timeout=5, what=f"no process left in {name}")
+        wait_for(lambda n=name: "keepalived" not in ns_commands(lab.ns(n)), timeout=5, what=f"{name} stopped")
+
+
+def ns_commands(namespace: str) -> list[str]:
+    names = []
+    for pid in ns_pids(namespace):
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+    return names
 
 
 def test_keepalived_pair_partitioned_both_hold_the_vip(lab: Lab, nodes: dict[str, KeepalivedNode]) -> None:
-    with Observer(lab.prefix) as obs:
+    with Observer(lab.prefix, rate=RATE) as obs:
         time.sleep(1.0)
         cut = obs.mark("partition lb1 | lb2")
         control.partition_hosts(lab.prefix, ["lb1"], ["lb2"])  # what `halb lab partition lb1 --from lb2` does
@@ -94,7 +141,7 @@ def test_keepalived_pair_partitioned_both_hold_the_vip(lab: Lab, nodes: dict[str
             healed = obs.mark("heal")
             control.heal(lab.prefix)
         settled = obs.wait_until(lambda t: t.holders == ("lb1",), healed, timeout=5.0)
-        time.sleep(1.0)
+        time.sleep(AFTER)
     assert not obs.errors, obs.errors
     before = obs.timeline(until=cut)
     during = obs.timeline(since=cut, until=healed)
@@ -119,6 +166,13 @@ def test_keepalived_pair_partitioned_both_hold_the_vip(lab: Lab, nodes: dict[str
     # heal: lb2 hears priority 150 again and goes back to BACKUP
     assert settled is not None, f"no single holder after heal: {describe(after, healed)}"
     assert nodes["lb2"].state() == "BACKUP" and nodes["lb1"].state() == "MASTER"
+    requests = obs.requests()
+    served = {
+        lb: sum(1 for r in requests if cut <= r.start < healed and r.ok and r.body == lb) for lb in PRIORITY
+    }
+    after_heal = [r for r in requests if r.start >= healed]
+    failed_after = sum(1 for r in after_heal if not r.ok)
+    back = next((r for r in after_heal if r.ok and r.body == "lb1"), None)  # served by the holder again
     share = fig_during.two_holders / max(1, fig_during.ticks)
     report(
         "keepalived partition",
@@ -126,6 +180,12 @@ def test_keepalived_pair_partitioned_both_hold_the_vip(lab: Lab, nodes: dict[str
         f"{fig_during.two_holders}/{fig_during.ticks} samples ({share:.0%}) with TWO holders, "
         f"{fig_during.two_answering} with two answering ARP; split brain {split_at:.2f}s after the cut; "
         f"{len(garps_lb2)} GARP(s) from lb2; one holder again {settled.at - healed:.2f}s after heal",
+    )
+    report(
+        "keepalived partition",
+        f"  requests ({RATE:g}/s) during the cut served by lb1 {served['lb1']}, lb2 {served['lb2']}; after "
+        f"heal {failed_after}/{len(after_heal)} failed in {AFTER:g}s, first answer "
+        + (f"from lb1 {back.end - healed:.2f}s after heal" if back else f"from lb1: none in {AFTER:g}s"),
     )
     report("keepalived partition", f"  holders: {describe(obs.timeline(), cut)}")
     report(

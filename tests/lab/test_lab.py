@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from halb.lab.netns import http_get, in_netns
-from halb.lab.processes import is_ours, proc_stat
+from halb.lab.processes import is_ours, proc_stat, supervisor_of
 from halb.lab.state import ProcessRecord, run_dir
 from tests.conftest import report
 
@@ -265,6 +265,9 @@ def test_down_after_a_crash_leaves_nothing() -> None:
             ["ip", "netns", "exec", f"{prefix}-client", "sleep", "300"], start_new_session=True
         )
         wait_for(lambda: not any(is_ours(r) for r in recorded(prefix)), what="services to die")
+        # and their supervisors, which run `halb vip release` (and hand the lease over) once serve is gone
+        supervisors = [s for r in recorded(prefix) if (s := supervisor_of(r)) is not None]
+        wait_for(lambda: not any(is_ours(s) for s in supervisors), what="the supervisors to finish")
         assert any(ns.startswith(f"{prefix}-") for ns in namespaces())
         result = halb_lab("down", "--prefix", prefix)
         assert "killed 1 stray" in result.stdout

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -73,12 +74,24 @@ def node_status(lab: Lab, name: str) -> dict[str, Any] | None:
         return None
 
 
-def vrrp_state(lab: Lab, name: str) -> str | None:
+def vrrp_instance(lab: Lab, name: str) -> dict[str, Any] | None:
     doc = node_status(lab, name)
     try:
-        return str(doc["vrrp"]["instances"][0]["state"]) if doc else None
+        return dict(doc["vrrp"]["instances"][0]) if doc else None
     except (KeyError, IndexError, TypeError):
         return None
+
+
+def log_lines(lab: Lab, name: str, since: float, words: tuple[str, ...] = ("lease", "releas")) -> list[str]:
+    """The lines of a node's lab log that mention the lease or a release, written after `since`
+    (wall clock)."""
+    path = control.lab_state(lab.prefix).log_path(name)
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    return [ln for ln in lines if any(w in ln for w in words) and (ln[:19] >= stamp or not ln[:4].isdigit())]
 
 
 def holders(lab: Lab) -> list[str]:
@@ -92,6 +105,14 @@ def answers_through_vip(lab: Lab) -> bool:
         return False
 
 
+def client_arp(lab: Lab) -> str | None:
+    out = subprocess.run(
+        ["ip", "-n", lab.ns("client"), "-j", "neigh", "show", VIP], capture_output=True, text=True
+    )
+    entries = [e for e in json.loads(out.stdout or "[]") if "lladdr" in e]
+    return f"{entries[0]['lladdr']} {entries[0].get('state')}" if entries else None
+
+
 def wait_stable(lab: Lab, hold: float = 0.5, timeout: float = 20.0) -> str:
     """Wait for one VIP holder that says MASTER while the other balancer says BACKUP, unchanged for
     `hold` seconds, and an answer through the VIP; returns the holder."""
@@ -101,13 +122,23 @@ def wait_stable(lab: Lab, hold: float = 0.5, timeout: float = 20.0) -> str:
     why = ""
     while time.monotonic() < deadline:
         found = holders(lab)
-        states = {lb: vrrp_state(lab, lb) for lb in ("lb1", "lb2")}
+        instances = {lb: vrrp_instance(lab, lb) for lb in ("lb1", "lb2")}
+        states = {lb: (inst or {}).get("state") for lb, inst in instances.items()}
+        # no preemption pending: every balancer at its base priority (a node that lost its lease runs
+        # a hold-down with a lowered priority, then preempts), the holder the highest of them
+        lowered = [lb for lb, inst in instances.items() if inst and inst["priority"] != inst["base_priority"]]
+        top = max(instances, key=lambda lb: (instances[lb] or {}).get("base_priority", 0))
         good = (
             len(found) == 1
+            and found[0] == top
+            and not lowered
             and states[found[0]] == "MASTER"
             and all(s == "BACKUP" for lb, s in states.items() if lb != found[0])
         )
-        why = f"holders {found}, VRRP {states}"
+        why = (
+            f"holders {found}, VRRP {states}, lowered priority: {lowered or 'none'}, "
+            f"client's ARP entry for the VIP: {client_arp(lab)}"
+        )
         if good and found[0] == last and since is not None:
             if time.monotonic() - since >= hold and answers_through_vip(lab):
                 return found[0]
@@ -117,6 +148,17 @@ def wait_stable(lab: Lab, hold: float = 0.5, timeout: float = 20.0) -> str:
             since, last = None, None
         time.sleep(0.05)
     raise AssertionError(f"the cluster did not become stable within {timeout}s: {why}")
+
+
+def settle(lab: Lab, problems: list[str], what: str, timeout: float = 10.0) -> str:
+    """`wait_stable`, but a cluster that does not settle is noted in `problems` (the test asserts on them
+    after reporting its figures) and the current holder, if any, is returned anyway."""
+    try:
+        return wait_stable(lab, timeout=timeout)
+    except AssertionError as exc:
+        problems.append(f"{what}: {exc}")
+        found = holders(lab)
+        return found[0] if found else "lb1"
 
 
 def other(holder: str) -> str:
@@ -156,7 +198,13 @@ def restore(lab: Lab) -> Iterator[None]:
         elif host["state"] == "stopped" and host["role"] in ("lb", "witness"):
             control.start(lab.prefix, host["name"])
     lab.remember()
-    wait_stable(lab)
+    try:
+        wait_stable(lab, timeout=10.0)
+    except AssertionError:
+        # after a split brain (plain VRRP) the client may keep the MAC of a node that gave the VIP up,
+        # while the holder sends no new GARP: forget it so the next test starts clean (this test failed)
+        subprocess.run(["ip", "-n", lab.ns("client"), "neigh", "flush", "to", VIP], check=False)
+        wait_stable(lab)
 
 
 # --- a. SIGKILL of the holder ---------------------------------------------------------------------------
@@ -164,35 +212,53 @@ def test_a_sigkill_of_the_holder_10_rounds(lab: Lab) -> None:
     rng = random.Random(4)
     takeovers: list[float] = []
     rounds: list[str] = []
+    wrong: list[str] = []
+    slow: list[str] = []
     with Observer(lab.prefix, rate=RATE) as obs:
         for number in range(1, ROUNDS + 1):
             holder = wait_stable(lab)
             time.sleep(rng.uniform(0.0, ADVERT))  # a random point of the master's advert cycle
+            wall = time.time()
             killed_at = obs.mark(f"kill {holder}")
             assert control.kill(lab.prefix, holder)  # `halb lab kill`: SIGKILL, then the supervisor's release
             answer = obs.wait_ok(killed_at, timeout=5.0)
             took = answer.end - killed_at if answer is not None else math.inf
             takeovers.append(took)
-            rounds.append(f"{holder}->{answer.lb if answer else 'none'} {took:.2f}")
-            assert answer is None or answer.lb != holder, f"round {number}: the killed {holder} answered"
+            moved = obs.wait_until(lambda t, h=holder: holds(t, other(h)), killed_at, timeout=0.5)
+            vip = f"{moved.at - killed_at:.2f}" if moved is not None else "?"
+            rounds.append(f"{holder}->{answer.lb if answer else 'none'} {took:.2f} (VIP {vip})")
+            if answer is not None and answer.lb == holder:
+                wrong.append(f"round {number}: the killed {holder} answered")
+            if took > 1.0:  # what the release after the kill and the new holder's lease said
+                slow.append(f"round {number} ({took:.2f}s): " + " / ".join(
+                    [*log_lines(lab, holder, wall - 1)[-4:], *log_lines(lab, other(holder), wall - 1)[-4:]]
+                ))  # fmt: skip
             control.start(lab.prefix, holder)
             lab.remember()
         wait_stable(lab)
     assert not obs.errors, obs.errors
     fig = figures(obs.timeline())
-    failed = sum(1 for r in obs.requests() if not r.ok)
+    requests = obs.requests()
+    # requests that failed between a kill and the first good answer after it (the takeover's cost)
+    kills = [(at, at + took) for at, took in zip((m[0] for m in obs.marks), takeovers, strict=True)]
+    failed = [sum(1 for r in requests if not r.ok and r.end >= k and r.start <= ok) for k, ok in kills]
     p50, worst = percentile(takeovers, 0.5), max(takeovers)
     record(
         "a",
         {"takeovers": [round(t, 3) for t in takeovers], "p50": round(p50, 3), "max": round(worst, 3),
-         "failed_requests": failed, "rate": RATE, **fig.to_dict()},
+         "failed_per_takeover": failed, "failed_total": sum(1 for r in requests if not r.ok), "rate": RATE,
+         **fig.to_dict()},
         f"a. SIGKILL the holder, {ROUNDS} rounds: VIP answers from the other node p50 {p50:.3f}s "
-        f"max {worst:.3f}s (min {min(takeovers):.3f}s); {failed} failed requests at {RATE:g}/s; "
-        f"max holders at any sample {fig.max_holders}; rounds: {', '.join(rounds)}",
+        f"max {worst:.3f}s (min {min(takeovers):.3f}s); failed requests per takeover at {RATE:g}/s: "
+        f"p50 {percentile(failed, 0.5):.0f} max {max(failed)}; max holders at any sample {fig.max_holders}; "
+        f"rounds (answer, in brackets the VIP on the new holder's interface): {', '.join(rounds)}",
     )  # fmt: skip
     assert fig.max_holders <= 1, f"two holders: {describe(obs.timeline(), obs.t0)}"
-    assert p50 <= 1.0, f"takeover p50 {p50:.3f}s > 1 s: {takeovers}"
-    assert worst <= 2.0, f"takeover max {worst:.3f}s > 2 s: {takeovers}"
+    for line in slow:
+        report(SECTION, "   slow " + line)
+    assert p50 <= 1.0, f"takeover p50 {p50:.3f}s > 1 s: {takeovers}; {slow}"
+    assert worst <= 2.0, f"takeover max {worst:.3f}s > 2 s: {takeovers}; {slow}"
+    assert not wrong, wrong
 
 
 # --- b. partition the holder from the other balancer (and the witness) -----------------------------------
@@ -211,26 +277,32 @@ def _partition(
 
 def test_b_partitioned_holder_never_two_holders(lab: Lab) -> None:
     holder = wait_stable(lab)
-    lines = []
+    lines: list[str] = []
+    problems: list[str] = []
     with Observer(lab.prefix, rate=RATE) as obs:
         # 1: the cut that splits two keepalived nodes: the balancers lose each other, the witness sees both
         cut1, heal1 = _partition(lab, obs, holder, [other(holder)], 3.0)
-        holder2 = wait_stable(lab)
+        holder2 = settle(lab, problems, "after the VRRP-only cut was healed")
         # 2: the holder alone against the other balancer and the witness
         cut2, heal2 = _partition(lab, obs, holder2, [other(holder2), "witness"], 5.0)
         one = obs.wait_until(lambda t: len(t.holders) == 1, heal2, timeout=10.0)
-        wait_stable(lab)
-        end = obs.mark("stable")
+        settle(lab, problems, "after the holder | other + witness cut was healed")
+        end = obs.mark("settled")
     assert not obs.errors, obs.errors
     ticks = obs.timeline()
     for label, cut, healed in (("VRRP-only cut", cut1, heal1), ("holder | other + witness", cut2, heal2)):
         part = figures(obs.timeline(since=cut, until=healed), origin=cut)
+        window = obs.timeline(since=cut - 0.5, until=cut2 if cut == cut1 else None)
+        during = [r for r in obs.requests() if cut <= r.start and r.end <= healed]
+        served = {lb: sum(1 for r in during if r.ok and r.lb == lb) for lb in ("lb1", "lb2")}
+        failed = sum(1 for r in during if not r.ok)
         lines.append(
             f"{label}: {part.ticks} samples, max holders {part.max_holders}, max answering "
-            f"{part.max_answering}, gaps {[round(g, 2) for g in part.gaps]}; "
-            f"holders {describe(obs.timeline(since=cut - 0.5, until=healed + 1.0), cut)}"
+            f"{part.max_answering}, gaps during the cut {[round(g, 2) for g in part.gaps]}; requests served "
+            f"by lb1 {served['lb1']}, lb2 {served['lb2']}, failed {failed}; "
+            f"holders (s after the cut, heal at {healed - cut:.2f}) {describe(window, cut)}"
         )
-        FIGURES.setdefault("b", {})[label] = part.to_dict()
+        FIGURES.setdefault("b", {})[label] = {**part.to_dict(), "served": served, "failed": failed}
     whole = figures(ticks)
     converge = one.at - heal2 if one is not None else None
     FIGURES["b"].update(
@@ -245,13 +317,15 @@ def test_b_partitioned_holder_never_two_holders(lab: Lab) -> None:
     )
     for line in lines:
         report(SECTION, "   " + line)
-    report(SECTION, f"   one holder {converge}s after the last heal, stable by {end - heal2:.2f}s")
+    after = "never" if converge is None else f"{converge:.2f}s"
+    report(SECTION, f"   one holder {after} after the last heal, settled by {end - heal2:.2f}s")
     bad = [t for t in ticks if len(t.holders) > 1]
     assert not bad, f"two holders at {len(bad)} samples: {describe(ticks, cut1)}"
     assert whole.two_answering == 0, (
         f"two nodes answer ARP: {describe(ticks, cut1, key=lambda t: t.answering)}"
     )
     assert one is not None, f"no single holder after heal: {describe(obs.timeline(since=heal2), heal2)}"
+    assert not problems, problems
 
 
 # --- c. freeze the holder longer than its lease ------------------------------------------------------------
@@ -271,8 +345,9 @@ def test_c_frozen_holder_never_answers_again_after_the_takeover(lab: Lab) -> Non
             thawed = obs.mark(f"thaw {holder}")
             control.freeze(lab.prefix, holder, False)
         time.sleep(3.0)
-        wait_stable(lab)
-        end = obs.mark("stable")
+        problems: list[str] = []
+        settle(lab, problems, "after the thaw")
+        end = obs.mark("settled")
     assert not obs.errors, obs.errors
     ticks = obs.timeline()
     mac = obs.macs[holder]
@@ -320,6 +395,7 @@ def test_c_frozen_holder_never_answers_again_after_the_takeover(lab: Lab) -> Non
     assert not synacks and not replies
     assert not two, f"two nodes answering at {len(two)} samples"
     assert dropped is not None and dropped.at <= tenure_end, f"{holder} kept the VIP after the thaw"
+    assert not problems, problems
 
 
 # --- d. minority drops, majority keeps or takes --------------------------------------------------------
@@ -335,7 +411,8 @@ def test_d_minority_drops_the_vip_majority_keeps_or_takes_it(lab: Lab) -> None:
     with Observer(lab.prefix, rate=RATE) as obs:
         # 1: the holder alone is the minority: it drops the VIP, the other balancer + witness take it
         cut, healed = _partition(lab, obs, holder, [new, "witness"], TAKE_BOUND + 1.0)
-        keeper = wait_stable(lab)
+        problems: list[str] = []
+        keeper = settle(lab, problems, "after the minority cut was healed")
         # 2: the holder with the witness is the majority: it keeps the VIP, the lone balancer never takes it
         loner = other(keeper)
         cut2, healed2 = _partition(lab, obs, loner, [keeper, "witness"], LEASE * 1.1 + 1.5)
@@ -371,6 +448,7 @@ def test_d_minority_drops_the_vip_majority_keeps_or_takes_it(lab: Lab) -> None:
     assert kept, f"the majority holder lost the VIP: {describe(part2, cut2)}"
     assert not loner_garps
     assert requests2 and not failed2, f"{len(failed2)} requests failed: {[r.error for r in failed2][:5]}"
+    assert not problems, problems
 
 
 # --- e. rolling restart under load -------------------------------------------------------------------------
@@ -393,13 +471,14 @@ def test_e_rolling_restart_under_load(lab: Lab) -> None:
         before = shared_config(lab, "lb1")
         listed = json.loads(halb_cli(lab, "backends", "list", "--json", "--admin", admin))
         steps: list[tuple[str, float, float]] = []
+        problems: list[str] = []
         with Observer(lab.prefix, rate=RATE / 2) as obs:
             time.sleep(0.5)
             for node in ("lb1", "lb2", "witness"):
                 started = obs.mark(f"restart {node}")
                 lab("stop", node)  # `halb lab stop`: SIGTERM, wait for the exit (and the VIP release)
                 lab("start", node)  # `halb lab start`: wait until it answers
-                wait_stable(lab)
+                settle(lab, problems, f"after restarting {node}")
                 steps.append((node, started, obs.mark(f"{node} back")))
             time.sleep(0.5)
         assert not obs.errors, obs.errors
@@ -434,3 +513,4 @@ def test_e_rolling_restart_under_load(lab: Lab) -> None:
     for step in per_step:
         assert all(g <= LEASE * 1.1 + 0.3 for g in step["gaps"]), step
     assert per_step[2]["gaps"] == [], f"the VIP went away while only the witness restarted: {per_step[2]}"
+    assert not problems, problems

@@ -388,3 +388,16 @@ def test_the_generator_turns_on_redis_and_cookie_stickiness_for_the_lab() -> Non
     off = ClusterSpec(lbs=spec.lbs, backends=spec.backends, vip=spec.vip, redis=spec.redis, sticky=None)
     config = parse(tomllib.loads(node_config(off, "lb1")), "lb1.toml")
     assert config.state is not None and config.pools["app"].sticky is None
+
+
+def test_the_lab_sentinel_option_adds_a_replica_a_sentinel_and_sentinel_state() -> None:
+    topo = build("gen", lbs=2, backends=2, sentinel=True)
+    names = [h.name for h in topo.hosts]
+    assert names == ["lb1", "lb2", "web1", "web2", "redis", "redis2", "sentinel", "client"]
+    assert (topo.host("redis2").address, topo.host("sentinel").address) == ("10.99.0.201", "10.99.0.210")
+    config = parse(tomllib.loads(node_config(topo.cluster_spec(), "lb2")), "lb2.toml")
+    assert config.state is not None and config.state.url == ""
+    assert config.state.sentinels == (HostPort("10.99.0.210", 26379),)
+    assert config.state.service_name == "halb"
+    assert config.pools["app"].sticky is not None
+    assert [h.name for h in build("gen").hosts] == ["lb1", "lb2", "web1", "web2", "redis", "client"]

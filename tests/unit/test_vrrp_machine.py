@@ -333,7 +333,10 @@ def test_equal_priority_tie_break_lower_address_loses() -> None:
 def test_tie_break_compares_numerically_not_as_strings() -> None:
     # "10.0.0.9" > "10.0.0.10" as strings, but 9 < 10 numerically.
     m = master_at(0.0, priority=100, primary_ip="10.0.0.10")
-    assert m.advert_received(1.0, adv(100), "10.0.0.9") == [SendAdvert(Advert(51, 100, 100, VIPS))]
+    assert m.advert_received(1.0, adv(100), "10.0.0.9") == [
+        SendAdvert(Advert(51, 100, 100, VIPS)),
+        SendGarp(VIPS),  # the other node thought it was master: re-announce
+    ]
     m = master_at(0.0, priority=100, primary_ip="10.0.0.9")
     assert new_state(m.advert_received(1.0, adv(100), "10.0.0.10")) is State.BACKUP
 
@@ -773,3 +776,29 @@ def test_lan_preempt_on_higher_node_started_late_takes_over() -> None:
     assert _masters(lan) == ["10.0.0.1"]
     ((t, _),) = lan.nodes[0].transitions[1:]
     assert t == pytest.approx(10.0 + master_down(200))  # discards the lower adverts, timer runs out
+
+
+def test_master_ending_a_split_brain_reannounces_with_garp_once_a_second() -> None:
+    """After a healed partition the surviving master re-sends GARP so the client follows it back."""
+    from halb.vrrp.codec import Advert as _Advert
+    from halb.vrrp.machine import SendAdvert as _SendAdvert
+    from halb.vrrp.machine import SendGarp as _SendGarp
+    from halb.vrrp.machine import State as _State
+    from halb.vrrp.machine import VrrpConfig as _VrrpConfig
+    from halb.vrrp.machine import VrrpMachine as _VrrpMachine
+
+    machine = _VrrpMachine(
+        _VrrpConfig(
+            vrid=51, priority=255, primary_ip="10.0.0.2", virtual_ips=("10.0.0.100",), advert_interval=0.1
+        )
+    )
+    machine.startup(0.0)
+    assert machine.state is _State.MASTER
+    lower = _Advert(vrid=51, priority=140, max_advert_interval_cs=10, addresses=("10.0.0.100",))
+    first = machine.advert_received(1.0, lower, "10.0.0.3")
+    assert [type(a) for a in first] == [_SendAdvert, _SendGarp]
+    again = machine.advert_received(1.1, lower, "10.0.0.3")
+    assert [type(a) for a in again] == [_SendAdvert]  # rate-limited
+    later = machine.advert_received(2.2, lower, "10.0.0.3")
+    assert _SendGarp in [type(a) for a in later]
+    assert machine.state is _State.MASTER
