@@ -65,14 +65,14 @@ def test_health_defaults_are_haproxy_like(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "key", "problem"),
     [
-        ('workers = 1', 'workers = 0', "node.workers", "must be >= 1"),
-        ('workers = 1', 'workers = "two"', "node.workers", "expected an integer"),
+        ("workers = 1", "workers = 0", "node.workers", "must be >= 1"),
+        ("workers = 1", 'workers = "two"', "node.workers", "expected an integer"),
         ('mode = "http"', 'mode = "udp"', "listeners[0].mode", "must be one of"),
         ('pool = "app"', 'pool = "nope"', "listeners[0].pool", "no pool named 'nope'"),
         ('bind = "127.0.0.1:8080"', 'bind = "127.0.0.1:99999"', "listeners[0].bind", "outside 1..65535"),
         ('bind = "127.0.0.1:8080"', 'bind = "localhost8080"', "listeners[0].bind", "is not HOST:PORT"),
         ('algorithm = "round_robin"', 'algorithm = "fastest"', "pools.app.algorithm", "must be one of"),
-        ('weight = 3', 'weight = -1', "pools.app.backends[1].weight", "must be >= 0"),
+        ("weight = 3", "weight = -1", "pools.app.backends[1].weight", "must be >= 0"),
         ('address = "127.0.0.1:9002"', 'address = "127.0.0.1"', "pools.app.backends[1].address", "HOST:PORT"),
         ('name = "b"', 'name = "a"', "pools.app.backends[1].name", "duplicate backend name"),
         ("rise = 5", "rise = 0", "pools.app.health.rise", "must be >= 1"),
@@ -99,7 +99,7 @@ def test_missing_sections(tmp_path: Path) -> None:
 
 
 def test_empty_pool(tmp_path: Path) -> None:
-    text = GOOD.split("[pools.app]")[0] + '[pools.app]\nbackends = []\n'
+    text = GOOD.split("[pools.app]")[0] + "[pools.app]\nbackends = []\n"
     error = error_for(tmp_path, text)
     assert error.key == "pools.app.backends"
 
