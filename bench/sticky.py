@@ -31,7 +31,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,8 +39,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BODY = "hello from nginx, a small fixed response body for the benchmark"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Shared with the HAProxy benchmark (this directory is on sys.path when run as `python bench/sticky.py`).
+from run import cpu_seconds, free_port, nginx_conf, parse_wrk, wait_http
 
 
 @dataclass
@@ -52,12 +51,6 @@ class Run:
     errors: int = 0
     non_2xx: int = 0
     cpu_pct: float = 0.0  # the halb node's CPU (control process + worker), % of one core
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Processes:
@@ -83,58 +76,6 @@ class Processes:
                 proc.wait(timeout=5)
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{shlex.join(map(str, proc.args))} exited with {proc.returncode}")  # type: ignore[arg-type]
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=0.5) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its children (the halb control process and its worker)."""
-    pids = [pid]
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                pids += [int(c) for c in f.read().split()]
-    total = 0
-    for p in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{p}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
-def nginx_conf(tmp: Path, port: int) -> str:
-    return f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/nginx-body;
-    proxy_temp_path {tmp}/nginx-proxy;
-    fastcgi_temp_path {tmp}/nginx-fastcgi;
-    uwsgi_temp_path {tmp}/nginx-uwsgi;
-    scgi_temp_path {tmp}/nginx-scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096 reuseport;
-        location / {{ default_type text/plain; return 200 "{BODY}\\n"; }}
-    }}
-}}
-"""
-
-
 def halb_conf(name: str, admin: int, listen: int, backend: int, redis_port: int | None) -> str:
     text = f"""
 [node]
@@ -158,22 +99,6 @@ health = {{ kind = "tcp", interval = 5.0, timeout = 1.0 }}
             + f'\n[state]\nurl = "redis://127.0.0.1:{redis_port}/0"\n'
         )
     return text
-
-
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
-
-
-def parse_wrk(output: str) -> tuple[float, float, int, int]:
-    """-> (req/s, p99 ms, socket errors, non-2xx/3xx responses)"""
-    rps = re.search(r"Requests/sec:\s*([\d.]+)", output)
-    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m)", output, re.MULTILINE)
-    if not rps or not p99:
-        raise ValueError(f"unexpected wrk output:\n{output}")
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    errors = sum(int(x) for x in m.groups()) if m else 0
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    p99_ms = float(p99.group(1)) * _UNITS[p99.group(2)]
-    return float(rps.group(1)), p99_ms, errors, int(non2xx.group(1)) if non2xx else 0
 
 
 def wrk(args: argparse.Namespace, port: int, duration: float, cookie: str | Path | None) -> list[str]:
