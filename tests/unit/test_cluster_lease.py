@@ -23,8 +23,8 @@ from halb.cluster.lease import (
     SendCommand,
     takeover_delay,
 )
-from halb.cluster.raft import Applied, CommandFailed
 from halb.cluster.state import ClusterState
+from tests.unit.vrrp_fakes import RaftMember
 
 T = LeaseTiming.for_duration(2.0)
 
@@ -357,23 +357,6 @@ def test_the_simulation_catches_a_too_short_takeover_delay(monkeypatch: pytest.M
 
 
 # --- the asyncio adapter ------------------------------------------------------------------------------------
-class _FakeMember:
-    def __init__(self) -> None:
-        self.state = ClusterState()
-        self.down = False
-        self.keepers: list[LeaseKeeper] = []
-
-    async def submit(self, command: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
-        await asyncio.sleep(0.001)
-        if self.down:
-            raise CommandFailed("no Raft leader")
-        result = self.state.apply(command)
-        event = Applied(command, result, None, {"vip": self.state.lease("vip") or {}}, {})
-        for keeper in self.keepers:
-            keeper.on_applied(event)
-        return result
-
-
 async def _until(predicate: Any, timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -383,7 +366,7 @@ async def _until(predicate: Any, timeout: float = 5.0) -> None:
 
 def test_keeper_acquires_renews_and_loses_the_lease_without_quorum() -> None:
     async def main() -> None:
-        member = _FakeMember()
+        member = RaftMember(delay=0.001)
         keeper = LeaseKeeper(member, "lb1", LeaseTiming.for_duration(1.0), tick=0.01)
         member.keepers.append(keeper)
         events: list[Any] = []

@@ -9,17 +9,14 @@ LeaseLost removes the VIP at once and resigns, leaving MASTER / SIGTERM releases
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 
 from halb.cluster.keeper import LeaseKeeper
 from halb.cluster.lease import LeaseGranted, LeaseLost, LeaseTiming
-from halb.cluster.raft import Applied, CommandFailed
-from halb.cluster.state import ClusterState
-from halb.config_model import GarpConfig, TrackConfig, VrrpSettings
-from halb.vrrp.driver import VrrpDriver
+from halb.config_model import GarpConfig, TrackConfig
 from halb.vrrp.fence import FakeFence, FenceError
 from halb.vrrp.lease_gate import (
     LEASE_CHECK,
@@ -39,14 +36,9 @@ from halb.vrrp.machine import (
     VrrpMachine,
 )
 from halb.vrrp.vip import FakeVipPort, VipError
-from tests.unit.test_vrrp_driver import GROUP, ME, PEER, VIP, Clock, FakeTransport, advert_from
+from tests.unit.vrrp_fakes import GROUP, ME, PEER, VIP, Clock, DriverRig, RaftMember, advert_from, run
 
-T = TypeVar("T")
 VIP32 = f"{VIP}/32"
-
-
-def run(coro: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(coro())  # type: ignore[arg-type]
 
 
 # --- fakes ------------------------------------------------------------------------------------------------
@@ -135,59 +127,24 @@ class LoggingFence(FakeFence):
         await super().close()
 
 
-def settings(**overrides: Any) -> VrrpSettings:
-    values: dict[str, Any] = {
-        "interface": "eth0",
-        "vrid": 51,
-        "priority": 150,
-        "advert_interval": 1.0,
-        "virtual_ips": (VIP32,),
-        "garp": GarpConfig(repeat=2, interval=0.01),
-        "track": TrackConfig(weight=50),
-    }
-    values.update(overrides)
-    return VrrpSettings(**values)
-
-
-class Rig:
+class Rig(DriverRig):
     """A driver with a LeasedVipPort, a LeaseGuard, a fake lease and a fake fence."""
 
     def __init__(
         self, lease: Any = None, holddown: float = 5.0, quorum: Any = None, **overrides: Any
     ) -> None:
-        self.clock = Clock()  # the VRRP clock
         self.lease_clock = Clock(500.0)
         self.log: list[str] = []
         self.vips = LoggingPort(self.log)
         self.fence = LoggingFence(self.lease_clock, self.log)
         self.lease = lease if lease is not None else FakeLease(self.lease_clock)
         self.port = LeasedVipPort(self.vips, self.lease, self.fence)
-        self.transport = FakeTransport()
-        self.driver = VrrpDriver(
-            settings(**overrides), self.port, primary_ip=ME, transport=self.transport, clock=self.clock
-        )
+        overrides.setdefault("track", TrackConfig(weight=50))
+        super().__init__(self.port, **overrides)  # self.clock: the VRRP clock
         self.guard = LeaseGuard(
             self.driver, self.lease, self.fence, holddown=holddown, quorum=quorum, poll=0.01, clock=self.clock
         )
         self.driver.advert_gate = self.guard.advert_allowed
-
-    async def start(self) -> None:
-        await self.driver.start()
-        await self.driver.settle()
-
-    async def fire(self) -> None:
-        machine = self.driver.machine
-        assert machine is not None
-        deadline = machine.next_deadline()
-        assert deadline is not None
-        self.clock.now = deadline
-        self.driver.on_timer()
-        await self.driver.settle()
-
-    async def receive(self, packet: bytes, advance: float = 0.1) -> None:
-        self.clock.now += advance
-        self.driver.datagram_received(packet)
-        await self.driver.settle()
 
     async def settle(self) -> None:
         for _ in range(5):
@@ -395,29 +352,10 @@ def test_after_a_short_pause_no_master_action_until_a_fresh_renewal() -> None:
     run(go)
 
 
-class _Member:
-    """A Raft member on one ClusterState, answering at once (or failing while `down`)."""
-
-    def __init__(self) -> None:
-        self.state = ClusterState()
-        self.down = False
-        self.keepers: list[LeaseKeeper] = []
-
-    async def submit(self, command: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
-        await asyncio.sleep(0)
-        if self.down:
-            raise CommandFailed("no Raft leader")
-        result = self.state.apply(command)
-        event = Applied(command, result, None, {"vip": self.state.lease("vip") or {}}, {})
-        for keeper in self.keepers:
-            keeper.on_applied(event)
-        return result
-
-
 def test_resume_with_the_real_keeper_suppresses_garp_until_a_renewal_sent_after_the_gap() -> None:
     async def go() -> None:
         lease_clock = Clock(100.0)
-        member = _Member()
+        member = RaftMember()
         keeper = LeaseKeeper(member, "lb1", LeaseTiming.for_duration(2.0), clock=lease_clock)
         member.keepers.append(keeper)  # the keeper's own loop is not started: the test is its clock
         rig = Rig(lease=keeper, garp=GarpConfig(repeat=1, interval=0.0, refresh=0.02))
@@ -491,7 +429,7 @@ def test_sigterm_removes_the_vip_then_releases_the_lease_and_closes_the_fence() 
 def test_sigterm_with_the_real_keeper_commits_the_release() -> None:
     async def go() -> None:
         lease_clock = Clock(100.0)
-        member = _Member()
+        member = RaftMember()
         keeper = LeaseKeeper(member, "lb1", LeaseTiming.for_duration(2.0), clock=lease_clock, tick=0.01)
         member.keepers.append(keeper)
         keeper.start()
@@ -604,16 +542,10 @@ def test_fence_errors_are_reported_not_raised_by_the_guard() -> None:
 
 def test_adverts_go_to_the_group_unchanged_without_a_lease_gate() -> None:
     async def go() -> None:
-        clock = Clock()
-        transport = FakeTransport()
-        driver = VrrpDriver(settings(), FakeVipPort(), primary_ip=ME, transport=transport, clock=clock)
-        await driver.start()
-        machine = driver.machine
-        assert machine is not None
-        clock.now = machine.next_deadline()  # type: ignore[assignment]
-        driver.on_timer()
-        await driver.settle()
-        assert [dst for _, dst in transport.sent] == [GROUP] and driver.vips_held() == [VIP]
-        await driver.stop()
+        rig = DriverRig(FakeVipPort(), track=TrackConfig(weight=50))
+        await rig.start()
+        await rig.fire()
+        assert [dst for _, dst in rig.transport.sent] == [GROUP] and rig.driver.vips_held() == [VIP]
+        await rig.driver.stop()
 
     run(go)
