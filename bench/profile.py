@@ -22,16 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import (  # the sibling script
-    Processes,
-    _tree,
-    free_port,
-    halb_conf,
-    nginx_conf,
-    wait_http,
-    wait_port,
-    wrk_command,
-)
+from run import Processes, _tree, start_halb, start_nginx, wrk_command  # the sibling script
 
 
 def summarize(collapsed: str, top: int) -> str:
@@ -76,39 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         procs = Processes(tmp)
         try:
-            backend_port = free_port()
-            (tmp / "nginx.conf").write_text(nginx_conf(tmp, backend_port))
-            nginx = procs.start(
-                "nginx",
-                [
-                    "taskset",
-                    "-c",
-                    str(args.client_cpu),
-                    "nginx",
-                    "-p",
-                    str(tmp),
-                    "-c",
-                    str(tmp / "nginx.conf"),
-                ],
-            )
-            wait_port(backend_port, nginx)
-            http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
-            (tmp / "halb.toml").write_text(halb_conf(admin_port, http_port, tcp_port, backend_port))
-            halb = procs.start(
-                "halb",
-                [
-                    "taskset",
-                    "-c",
-                    str(args.proxy_cpu),
-                    sys.executable,
-                    "-m",
-                    "halb",
-                    "serve",
-                    str(tmp / "halb.toml"),
-                ],
-            )
-            wait_port(http_port, halb)
-            wait_http(f"http://127.0.0.1:{admin_port}/healthz", halb)
+            backend_port = start_nginx(procs, tmp, args.client_cpu)
+            halb, http_port, tcp_port, _admin = start_halb(procs, tmp, args.proxy_cpu, backend_port)
             workers = [p for p in _tree(halb.pid) if p != halb.pid]
             if not workers:
                 raise SystemExit("profile: no worker process found")

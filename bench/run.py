@@ -39,7 +39,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,17 +107,6 @@ class Processes:
             log.close()
         self.procs.append(proc)
         return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
 
     def close(self) -> None:
         for proc in self.procs:
@@ -313,7 +301,8 @@ def _version(cmd: list[str], pattern: str) -> str:
     return m.group(1) if m else "?"
 
 
-def machine() -> dict[str, str]:
+def machine(versions: dict[str, str]) -> dict[str, str]:
+    """The machine's description for the report; `versions` (tool -> version) goes before the load."""
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -334,22 +323,35 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "uvloop": uvloop_version,
-        "haproxy": _version(["haproxy", "-v"], r"version (\S+)"),
-        "nginx": _version(["nginx", "-v"], r"nginx/(\S+)"),
-        "wrk": _version(["wrk", "-v"], r"wrk (\S+)"),
+        **versions,
         "load average at start": load,
     }
 
 
 # --- the run -------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def started(procs: Processes, name: str, args: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = procs.start(name, args)
-    try:
-        wait_port(port, proc)
-        yield proc
-    finally:
-        procs.stop(proc)
+def start_nginx(procs: Processes, tmp: Path, cpu: int) -> int:
+    """nginx (the backend) pinned to `cpu`, listening: -> its port."""
+    port = free_port()
+    (tmp / "nginx.conf").write_text(nginx_conf(tmp, port))
+    nginx = procs.start(
+        "nginx", ["taskset", "-c", str(cpu), "nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf")]
+    )
+    wait_port(port, nginx)
+    return port
+
+
+def start_halb(
+    procs: Processes, tmp: Path, cpu: int, backend_port: int
+) -> tuple[subprocess.Popen[bytes], int, int, int]:
+    """One halb node (`halb_conf`) pinned to `cpu`, up and healthy: -> (process, http, tcp, admin port)."""
+    http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
+    (tmp / "halb.toml").write_text(halb_conf(admin_port, http_port, tcp_port, backend_port))
+    halb = procs.start(
+        "halb", ["taskset", "-c", str(cpu), sys.executable, "-m", "halb", "serve", str(tmp / "halb.toml")]
+    )
+    wait_port(http_port, halb)
+    wait_http(f"http://127.0.0.1:{admin_port}/healthz", halb)
+    return halb, http_port, tcp_port, admin_port
 
 
 def median_cell(runs: list[Cell]) -> Cell:
@@ -368,11 +370,7 @@ def run(args: argparse.Namespace) -> list[Cell]:
         tmp = Path(tmpdir)
         procs = Processes(tmp)
         try:
-            backend_port = free_port()
-            (tmp / "nginx.conf").write_text(nginx_conf(tmp, backend_port))
-            nginx_cmd = ["taskset", "-c", str(args.client_cpu), "nginx", "-p", str(tmp), "-c"]
-            nginx = procs.start("nginx", [*nginx_cmd, str(tmp / "nginx.conf")])
-            wait_port(backend_port, nginx)
+            backend_port = start_nginx(procs, tmp, args.client_cpu)
 
             print("nginx directly (the ceiling):", file=sys.stderr)
             for pattern in patterns:
@@ -381,12 +379,7 @@ def run(args: argparse.Namespace) -> list[Cell]:
 
             # Both proxies run side by side (an idle one costs nothing); each cell is measured for halb
             # and then for HAProxy straight after, `--rounds` times, so both see the same conditions.
-            halb_http, halb_tcp, admin_port = free_port(), free_port(), free_port()
-            (tmp / "halb.toml").write_text(halb_conf(admin_port, halb_http, halb_tcp, backend_port))
-            halb_cmd = ["taskset", "-c", str(args.proxy_cpu), sys.executable, "-m", "halb", "serve"]
-            halb = procs.start("halb", [*halb_cmd, str(tmp / "halb.toml")])
-            wait_port(halb_http, halb)
-            wait_http(f"http://127.0.0.1:{admin_port}/healthz", halb)
+            halb, halb_http, halb_tcp, admin_port = start_halb(procs, tmp, args.proxy_cpu, backend_port)
             hap_http, hap_tcp = free_port(), free_port()
             (tmp / "haproxy.cfg").write_text(haproxy_conf(hap_http, hap_tcp, backend_port))
             haproxy_cmd = ["taskset", "-c", str(args.proxy_cpu), "haproxy", "-db", "-f"]
@@ -479,7 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration, args.warmup, args.rounds = 1.0, 0.0, 1
     command = shlex.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-    info = machine()
+    info = machine(
+        {
+            "haproxy": _version(["haproxy", "-v"], r"version (\S+)"),
+            "nginx": _version(["nginx", "-v"], r"nginx/(\S+)"),
+            "wrk": _version(["wrk", "-v"], r"wrk (\S+)"),
+        }
+    )
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

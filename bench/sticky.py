@@ -22,15 +22,11 @@ process runs in its own session and is killed at exit, also on errors and Ctrl-C
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Shared with the HAProxy benchmark (this directory is on sys.path when run as `python bench/sticky.py`).
-from run import cpu_seconds, free_port, nginx_conf, parse_wrk, wait_http
+from run import Processes, _version, cpu_seconds, free_port, machine, parse_wrk, start_nginx, wait_http
 
 
 @dataclass
@@ -51,29 +47,6 @@ class Run:
     errors: int = 0
     non_2xx: int = 0
     cpu_pct: float = 0.0  # the halb node's CPU (control process + worker), % of one core
-
-
-class Processes:
-    """Each process in its own session; `close()` kills every group, whatever happened."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.logdir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
 
 
 def halb_conf(name: str, admin: int, listen: int, backend: int, redis_port: int | None) -> str:
@@ -174,33 +147,6 @@ def new_session(port: int) -> str:
     return str(cookie.split(";", 1)[0].split("=", 1)[1])
 
 
-def machine() -> dict[str, str]:
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        import uvloop
-
-        uv = uvloop.__version__
-    except ImportError:
-        uv = "not installed"
-    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
-    with open("/proc/loadavg") as f:
-        load = " ".join(f.read().split()[:3])
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": f"{cpu} ({os.cpu_count()} cores)",
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": uv,
-        "redis": next((w.split("=", 1)[1] for w in redis if w.startswith("v=")), "?"),
-        "load average at start": load,
-    }
-
-
 def median(runs: list[Run]) -> Run:
     return sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
 
@@ -214,9 +160,7 @@ def bench(args: argparse.Namespace) -> dict[str, Run]:
         procs = Processes(tmp)
         try:
             client = ["taskset", "-c", str(args.client_cpu)]
-            backend = free_port()
-            (tmp / "nginx.conf").write_text(nginx_conf(tmp, backend))
-            procs.start("nginx", [*client, "nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf")])
+            backend = start_nginx(procs, tmp, args.client_cpu)
             redis_port = free_port()
             redis_args = [
                 "--port",
@@ -308,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.rounds = 2.0, 0.5, 1
-    info = machine()
+    info = machine({"redis": _version(["redis-server", "--version"], r"\bv=(\S+)")})
     results = bench(args)
     command = shlex.join(["python", "bench/sticky.py", *(argv if argv is not None else sys.argv[1:])])
     print(table(results, info, command))

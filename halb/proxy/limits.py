@@ -116,9 +116,7 @@ class BackendQueue:
         self._handoff = 0  # slots handed to woken waiters that have not taken them yet
         self._config = None  # the PoolConfig the per-backend limits were computed from
         self._limits: dict[str, int] = {}
-        self.queued_total = 0
-        self.timeouts_total = 0
-        self.full_total = 0
+        self.queued_total = 0  # callers compare it before/after choose() to tell whether they waited
 
     # --- limits ------------------------------------------------------------------------------------------
     def _refresh(self) -> dict[str, int]:
@@ -170,7 +168,6 @@ class BackendQueue:
             return self.pool.choose(ctx)  # None, and counted as "no backend" by the pool
         maxqueue = share(self.pool.config.maxqueue, self.workers)
         if len(self._waiters) >= maxqueue:
-            self.full_total += 1
             raise QueueFull
         self.queued_total += 1
         deadline = self.loop.time() + self.pool.config.effective_queue_timeout
@@ -187,7 +184,6 @@ class BackendQueue:
                 await fut
                 woken = True
             except TimeoutError:
-                self.timeouts_total += 1
                 raise QueueTimeout from None
             finally:
                 timer.cancel()

@@ -16,14 +16,12 @@ import socket
 import ssl
 import struct
 import warnings
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from halb.config_model import HostPort as HP
-from halb.config_model import ListenerConfig, TlsConfig
+from halb.config_model import TlsConfig
 from halb.proxy.server import ProxyServer
 from tests.certs import make_cert, peer_common_name
 from tests.integration.test_proxy_http import (  # (event_loop_kind: every test on asyncio and uvloop)
@@ -34,6 +32,7 @@ from tests.integration.test_proxy_http import (  # (event_loop_kind: every test 
     event_loop_kind,  # noqa: F401
     make_pool,
     poll,
+    proxy,
     read_response,
     run,
     stream_backend,
@@ -44,17 +43,6 @@ pytestmark = pytest.mark.timeout(30)
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-@contextlib.asynccontextmanager
-async def serve(pool: Any, **listener_kw: Any) -> AsyncIterator[tuple[ProxyServer, tuple[str, int]]]:
-    listener = ListenerConfig(name="web", bind=HP("127.0.0.1", 0), pool="app", **listener_kw)
-    server = ProxyServer([listener], {"app": pool})
-    await server.start()
-    try:
-        yield server, server.address("web")
-    finally:
-        await server.close()
 
 
 def stats(server: ProxyServer) -> dict[str, Any]:
@@ -132,7 +120,7 @@ def test_burst_of_bad_clients_is_counted_harms_nobody_and_leaks_no_fd(
     async def main() -> None:
         async with (
             backends(handler) as (be,),
-            serve(make_pool([be.port]), header_timeout=0.5) as (server, addr),
+            proxy(make_pool([be.port]), header_timeout=0.5) as (server, addr),
         ):
             warm = await Client.connect(addr)
             assert (await warm.get("/warm")).status == 200
@@ -164,7 +152,7 @@ def test_request_line_and_single_header_limits_are_counted() -> None:
     async def main() -> None:
         async with (
             backends(None) as (be,),
-            serve(make_pool([be.port]), max_request_line=256, max_header_bytes=2048) as (server, addr),
+            proxy(make_pool([be.port]), max_request_line=256, max_header_bytes=2048) as (server, addr),
         ):
             client = await Client.connect(addr)
             assert (await client.get("/" + "a" * 300)).status == 414
@@ -188,7 +176,7 @@ def test_backend_reset_before_answering_gives_502(method: str) -> None:
         writer.transport.abort()
 
     async def main() -> None:
-        async with stream_backend(resetting) as port, serve(make_pool([port])) as (server, addr):
+        async with stream_backend(resetting) as port, proxy(make_pool([port])) as (server, addr):
             client = await Client.connect(addr)
             body = b"x" * 10
             raw = f"{method} /r HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
@@ -221,7 +209,7 @@ def test_tls_termination_forwards_plain_http(tmp_path: Path) -> None:
     async def main() -> None:
         async with (
             backends(None) as (be,),
-            serve(make_pool([be.port]), tls=TlsConfig(str(cert), str(key))) as (_, addr),
+            proxy(make_pool([be.port]), tls=TlsConfig(str(cert), str(key))) as (_, addr),
         ):
             client = await tls_client(addr, client_context(cert))
             ssl_object = client.writer.get_extra_info("ssl_object")
@@ -247,7 +235,7 @@ def test_tls_refuses_old_versions_plain_text_and_stalled_handshakes(tmp_path: Pa
     async def main() -> None:
         async with (
             backends(None) as (be,),
-            serve(make_pool([be.port]), tls=TlsConfig(str(cert), str(key)), header_timeout=0.3) as (
+            proxy(make_pool([be.port]), tls=TlsConfig(str(cert), str(key)), header_timeout=0.3) as (
                 server,
                 addr,
             ),
@@ -288,7 +276,7 @@ def test_tls_reload_swaps_the_certificate_without_dropping_connections(tmp_path:
     async def main() -> None:
         async with (
             backends(None) as (be,),
-            serve(make_pool([be.port]), tls=TlsConfig(str(cert), str(key))) as (server, addr),
+            proxy(make_pool([be.port]), tls=TlsConfig(str(cert), str(key))) as (server, addr),
         ):
             ctx = client_context(trust)
             before = await tls_client(addr, ctx)
@@ -327,7 +315,7 @@ def test_tls_on_a_tcp_listener(tmp_path: Path) -> None:
     async def main() -> None:
         async with (
             stream_backend(echo) as port,
-            serve(make_pool([port]), mode="tcp", tls=TlsConfig(str(cert), str(key), min_version="1.3")) as (
+            proxy(make_pool([port]), mode="tcp", tls=TlsConfig(str(cert), str(key), min_version="1.3")) as (
                 _,
                 addr,
             ),

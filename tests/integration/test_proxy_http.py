@@ -39,7 +39,8 @@ def run(main: Callable[[], Coroutine[Any, Any, None]], timeout: float = 5.0) -> 
     loop = _LOOP[0]
     factory = None
     if loop == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
+        import uvloop  # a dependency on Linux: missing it is a failure, not a skip
+
         factory = uvloop.new_event_loop
 
     async def guarded() -> None:
@@ -309,6 +310,14 @@ async def stream_backend(
             writer.transport.abort()
 
 
+async def upload(client: Client, size: int) -> None:
+    """Send `size` bytes of body in 64 KiB writes; the proxy closing the connection ends it early."""
+    with contextlib.suppress(ConnectionError):
+        for _ in range(size // 65536):
+            client.writer.write(b"u" * 65536)
+            await client.writer.drain()
+
+
 async def poll(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -538,14 +547,7 @@ def test_error_answer_to_an_unread_upload_is_not_lost() -> None:
             client = await Client.connect(addr)
             size = 4 * 1024 * 1024
             client.writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
-
-            async def upload() -> None:
-                with contextlib.suppress(ConnectionError):
-                    for _ in range(size // 65536):
-                        client.writer.write(b"u" * 65536)
-                        await client.writer.drain()
-
-            uploading = asyncio.ensure_future(upload())
+            uploading = asyncio.ensure_future(upload(client, size))
             resp = await read_response(client.reader)
             assert resp.status == 503 and resp.get("connection") == "close"
             await uploading
@@ -569,14 +571,7 @@ def test_backend_answering_before_the_body_ends_closes_the_client() -> None:
             client = await Client.connect(addr)
             size = 2 * 1024 * 1024
             client.writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
-
-            async def upload() -> None:
-                with contextlib.suppress(ConnectionError):
-                    for _ in range(size // 65536):
-                        client.writer.write(b"u" * 65536)
-                        await client.writer.drain()
-
-            uploading = asyncio.ensure_future(upload())
+            uploading = asyncio.ensure_future(upload(client, size))
             resp = await read_response(client.reader)
             assert resp.status == 413 and resp.body == b"big"
             assert resp.get("connection") == "close"

@@ -23,6 +23,8 @@ from tests.integration.test_proxy_http import (  # (event_loop_kind: every test 
     read_response,
     run,
 )
+from tests.integration.test_proxy_tcp import backend as tcp_backend
+from tests.integration.test_proxy_tcp import echo
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -131,34 +133,25 @@ def test_maxconn_per_ip_only_limits_that_address() -> None:
 
 
 def test_node_maxconn_spans_listeners_and_tcp_rejections_close() -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
     async def main() -> None:
-        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
-        port = backend.sockets[0].getsockname()[1]
-        try:
-            async with serve(pool_of([port]), "tcp", "tcp", maxconn=2) as (server, (a_addr, b_addr)):
-                a = await Client.connect(a_addr)
-                b = await Client.connect(b_addr)
-                for client in (a, b):
-                    client.writer.write(b"ping")
-                    assert await client.reader.readexactly(4) == b"ping"
-                c = await Client.connect(b_addr)
-                assert await c.at_eof()  # refused: closed without a byte
-                assert lstats(server, "l1")["rejected"] == {"node_maxconn": 1}
-                assert server.stats()["connections"] == {"current": 2, "limit": 2}  # type: ignore[index]
-                a.close()
-                await poll(lambda: server.gate.current == 1)
-                d = await Client.connect(a_addr)
-                d.writer.write(b"pong")
-                assert await d.reader.readexactly(4) == b"pong"
-        finally:
-            backend.close()
+        async with (
+            tcp_backend(echo) as (port, _),
+            serve(pool_of([port]), "tcp", "tcp", maxconn=2) as (server, (a_addr, b_addr)),
+        ):
+            a = await Client.connect(a_addr)
+            b = await Client.connect(b_addr)
+            for client in (a, b):
+                client.writer.write(b"ping")
+                assert await client.reader.readexactly(4) == b"ping"
+            c = await Client.connect(b_addr)
+            assert await c.at_eof()  # refused: closed without a byte
+            assert lstats(server, "l1")["rejected"] == {"node_maxconn": 1}
+            assert server.stats()["connections"] == {"current": 2, "limit": 2}  # type: ignore[index]
+            a.close()
+            await poll(lambda: server.gate.current == 1)
+            d = await Client.connect(a_addr)
+            d.writer.write(b"pong")
+            assert await d.reader.readexactly(4) == b"pong"
 
     run(main)
 
@@ -270,17 +263,8 @@ def test_client_leaving_the_queue_does_not_leak_the_slot() -> None:
 
 
 def test_tcp_backend_maxconn_holds_the_next_connection_until_a_slot_frees() -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
     async def main() -> None:
-        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
-        port = backend.sockets[0].getsockname()[1]
-        try:
+        async with tcp_backend(echo) as (port, _):
             pool = pool_of([port], maxconn=1, queue_timeout=5.0)
             async with serve(pool, "tcp") as (server, (addr,)):
                 first = await Client.connect(addr)
@@ -295,7 +279,5 @@ def test_tcp_backend_maxconn_holds_the_next_connection_until_a_slot_frees() -> N
                 assert await first.at_eof()
                 assert await second.reader.readexactly(3) == b"two"
                 assert lstats(server)["queued_total"] == 1
-        finally:
-            backend.close()
 
     run(main)
