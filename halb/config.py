@@ -130,6 +130,12 @@ class Reader:
             self.fail(name, f"expected true or false, got {value!r}")
         return value
 
+    def str_list(self, name: str) -> list[str]:
+        value = self.raw(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.fail(name, f"expected an array of strings, got {value!r}")
+        return list(value)
+
     def host_port(self, name: str, default: str | None = None) -> HostPort:
         value = self.str(name, default)
         try:
@@ -353,13 +359,6 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # IFNAMSIZ - 1, no '/' and no
 _INSTANCE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
-def _str_list(r: Reader, name: str) -> list[str]:
-    value = r.raw(name, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        r.fail(name, f"expected an array of strings, got {value!r}")
-    return list(value)
-
-
 def _ipv4(r: Reader, name: str, text: str) -> ipaddress.IPv4Address:
     try:
         return ipaddress.IPv4Address(text)
@@ -372,7 +371,7 @@ def _virtual_ips(r: Reader) -> tuple[str, ...]:
     """Each entry is A.B.C.D or A.B.C.D/len; without a length it is /32, like keepalived's."""
     out: list[str] = []
     seen: set[ipaddress.IPv4Address] = set()
-    for i, text in enumerate(_str_list(r, "virtual_ips")):
+    for i, text in enumerate(r.str_list("virtual_ips")):
         key = f"virtual_ips[{i}]"
         address_text, sep, length_text = text.partition("/")
         address = _ipv4(r, key, address_text.strip())
@@ -451,7 +450,7 @@ def _vrrp(r: Reader | None) -> VrrpSettings | None:
     if r.has("primary_ip"):
         primary_ip = str(_ipv4(r, "primary_ip", r.str("primary_ip")))
     peers: list[str] = []
-    for i, text in enumerate(_str_list(r, "unicast_peers")):
+    for i, text in enumerate(r.str_list("unicast_peers")):
         key = f"unicast_peers[{i}]"
         peer = str(_ipv4(r, key, text.strip()))
         if peer in peers:
@@ -509,7 +508,7 @@ def _cluster(r: Reader | None) -> ClusterSettings | None:
     d = ClusterSettings(address=HostPort("", 0), peers=(), secret="", token="")
     address = _ip_host_port(r, "address", r.str("address"))
     peers: list[HostPort] = []
-    for i, text in enumerate(_str_list(r, "peers")):
+    for i, text in enumerate(r.str_list("peers")):
         key = f"peers[{i}]"
         peer = _ip_host_port(r, key, text.strip())
         if peer == address:
@@ -526,7 +525,7 @@ def _cluster(r: Reader | None) -> ClusterSettings | None:
     if token == secret:
         r.fail("token", "must differ from cluster.secret (operators get the token, never the secret)")
     admin_peers: list[HostPort] = []
-    for i, text in enumerate(_str_list(r, "admin_peers")):
+    for i, text in enumerate(r.str_list("admin_peers")):
         try:
             admin_peers.append(parse_host_port(text.strip()))
         except ValueError as exc:

@@ -56,13 +56,6 @@ def _number(r: Reader, name: str, default: float | None, lo: float, hi: float, *
     return float(value)
 
 
-def _strings(r: Reader, name: str) -> list[str]:
-    value = r.raw(name, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        r.fail(name, f"expected an array of strings, got {value!r}")
-    return list(value)
-
-
 def _plain(r: Reader, name: str, value: str, what: str) -> None:
     if not value or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in value):
         r.fail(name, f"{what} must be non-empty, without spaces or control characters, got {value!r}")
@@ -124,7 +117,7 @@ def parse_state(r: Reader | None) -> StateConfig | None:
             if r.has(key):
                 r.fail(key, "only with sentinels (a plain url names the server and database itself)")
     else:
-        for i, text in enumerate(_strings(r, "sentinels")):
+        for i, text in enumerate(r.str_list("sentinels")):
             key = f"sentinels[{i}]"
             try:
                 hp = parse_host_port(text)
@@ -281,7 +274,7 @@ def _tiers(r: Reader | None, algorithm: str) -> tuple[RateLimitTierConfig, ...]:
             t.fail("", "a tier name is 1-64 letters, digits, '_', '-' or '.'")
         rate = _number(t, "rate", None, 0, MAX_RATE, above=True)
         burst = _number(t, "burst", max(1.0, rate), 1, 1e9, above=False)
-        keys = _strings(t, "keys")
+        keys = t.str_list("keys")
         if not keys:
             t.fail("keys", "a tier needs at least one key (the client IPs, header values or path prefixes)")
         for i, key in enumerate(keys):
@@ -303,7 +296,7 @@ def _rule(name: str, r: Reader) -> RateLimitConfig:
     rate = _number(r, "rate", None, 0, MAX_RATE, above=True)
     burst = _number(r, "burst", max(1.0, rate), 1, 1e9, above=False)
     key = _rule_key(r)
-    paths = _strings(r, "paths")
+    paths = r.str_list("paths")
     for i, path in enumerate(paths):
         if not path.startswith("/") or any(ch.isspace() or ord(ch) < 32 for ch in path):
             r.fail(f"paths[{i}]", f"must start with '/' and contain no spaces, got {path!r}")
@@ -345,7 +338,7 @@ def parse_ratelimits(r: Reader | None) -> dict[str, RateLimitConfig]:
 
 def listener_ratelimits(r: Reader) -> tuple[str, ...]:
     """A listener's `ratelimits = ["NAME", ...]` (checked against the rules in `check_references`)."""
-    names = _strings(r, "ratelimits")
+    names = r.str_list("ratelimits")
     for i, name in enumerate(names):
         if name in names[:i]:
             r.fail(f"ratelimits[{i}]", f"{name!r} is listed twice")

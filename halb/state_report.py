@@ -32,7 +32,8 @@ from halb.config_model import Config
 STORE_COUNTERS = ("errors_total", "fallback_decisions_total")
 
 
-def _add(into: dict[str, Any], counts: dict[str, Any]) -> None:
+def add_counts(into: dict[str, Any], counts: dict[str, Any]) -> None:
+    """Add the numeric values of `counts` into `into` key by key (also used by halb.workers)."""
     for key, value in counts.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             into[key] = into.get(key, 0) + value
@@ -43,11 +44,11 @@ def retire(into: dict[str, Any], doc: dict[str, Any] | None) -> None:
     if not doc:
         return
     store = doc.get("store") or {}
-    _add(into.setdefault("store", {}), {k: store.get(k, 0) for k in STORE_COUNTERS})
+    add_counts(into.setdefault("store", {}), {k: store.get(k, 0) for k in STORE_COUNTERS})
     for name, counts in doc.get("sticky", {}).items():
-        _add(into.setdefault("sticky", {}).setdefault(name, {}), counts)
+        add_counts(into.setdefault("sticky", {}).setdefault(name, {}), counts)
     for name, counts in doc.get("ratelimits", {}).items():
-        _add(into.setdefault("ratelimits", {}).setdefault(name, {}), counts)
+        add_counts(into.setdefault("ratelimits", {}).setdefault(name, {}), counts)
 
 
 def aggregate(
@@ -72,16 +73,16 @@ def aggregate(
     for key in STORE_COUNTERS:
         doc[key] = retired.get("store", {}).get(key, 0)
     for name, counts in retired.get("sticky", {}).items():
-        _add(doc["sticky"].setdefault(name, {}), counts)
+        add_counts(doc["sticky"].setdefault(name, {}), counts)
     for name, counts in retired.get("ratelimits", {}).items():
-        _add(doc["ratelimits"].setdefault(name, {}), counts)
+        add_counts(doc["ratelimits"].setdefault(name, {}), counts)
     seen = 0
     for index, report in sorted(reports, key=lambda r: r[0]):
         store = report.get("store")
         for name, counts in report.get("sticky", {}).items():
-            _add(doc["sticky"].setdefault(name, {}), counts)
+            add_counts(doc["sticky"].setdefault(name, {}), counts)
         for name, counts in report.get("ratelimits", {}).items():
-            _add(doc["ratelimits"].setdefault(name, {}), counts)
+            add_counts(doc["ratelimits"].setdefault(name, {}), counts)
         if not store:
             continue
         seen += 1
@@ -184,7 +185,7 @@ def render(doc: dict[str, Any]) -> Text:
         line.append(state, style="yellow")
     decisions: dict[str, int] = {}
     for counts in doc.get("sticky", {}).values():
-        _add(decisions, counts)
+        add_counts(decisions, counts)
     if decisions:
         parts = [f"{decisions.get(k, 0)} {k}" for k in ("cache", "store", "new", "rehomed", "fallback")]
         line.append("  sticky ", style="dim")

@@ -55,6 +55,7 @@ class WorkerSupervisor:
         self.workers: dict[int, WorkerHandle] = {}
         self.retired: dict[tuple[str, str], dict[str, float]] = {}
         self.retired_listeners: dict[str, dict[str, Any]] = {}
+        self.retired_no_backend: dict[str, int] = {}  # pool -> 503s without a backend, of dead workers
         self.retired_state: dict[str, Any] = {}  # [state] counters of dead workers (halb.state_report)
         self.stopping = False
         self.restarts_total = 0
@@ -149,7 +150,11 @@ class WorkerSupervisor:
                 if isinstance(value, int | float) and key.endswith("_total"):
                     slot[key] = slot.get(key, 0) + value
                 elif isinstance(value, dict):  # counters by label (responses, bad_requests, rejected)
-                    _add_counts(slot.setdefault(key, {}), value)
+                    state_report.add_counts(slot.setdefault(key, {}), value)
+        for name, counters in handle.stats.get("pools", {}).items():
+            self.retired_no_backend[name] = self.retired_no_backend.get(name, 0) + counters.get(
+                "no_backend_total", 0
+            )
         state_report.retire(self.retired_state, handle.stats.get("state"))
         handle.stats = {}
 
@@ -221,11 +226,11 @@ class WorkerSupervisor:
                     if isinstance(value, int | float) and not isinstance(value, bool):
                         slot[key] = slot.get(key, 0) + value
                     elif isinstance(value, dict):  # counters by label (responses, bad_requests, rejected)
-                        _add_counts(slot.setdefault(key, {}), value)
+                        state_report.add_counts(slot.setdefault(key, {}), value)
         return totals
 
     def no_backend_totals(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
+        totals = dict(self.retired_no_backend)
         for handle in self.workers.values():
             for name, counters in handle.stats.get("pools", {}).items():
                 totals[name] = totals.get(name, 0) + counters.get("no_backend_total", 0)
@@ -265,9 +270,3 @@ class WorkerSupervisor:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(handle.task, timeout=2)
             handle.writer.close()
-
-
-def _add_counts(into: dict[str, Any], counts: dict[str, Any]) -> None:
-    for label, n in counts.items():
-        if isinstance(n, int | float) and not isinstance(n, bool):
-            into[label] = into.get(label, 0) + n

@@ -186,6 +186,21 @@ data_dir = "{self.tmp_path / "raft" / name}"
     def status(self, name: str) -> dict[str, Any]:
         return get_json(self.admin[name], "/status")
 
+    def metrics(self, name: str) -> str:
+        return (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.admin[name]}/metrics", timeout=2).read().decode()
+        )
+
+    def halb_status(self, name: str, columns: int) -> str:
+        """What `halb status` prints for node `name` on a terminal `columns` wide."""
+        return subprocess.run(
+            ["python", "-m", "halb", "status", "--admin", f"127.0.0.1:{self.admin[name]}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={**os.environ, "COLUMNS": str(columns)},
+        ).stdout
+
     def store_state(self, name: str) -> str:
         return str(self.status(name)["state"]["state"])
 
@@ -332,7 +347,7 @@ def test_one_rate_limit_budget_for_both_nodes(rig: Rig) -> None:
     time.sleep(0.4)  # a stats report
     counts = [rig.status(n)["state"]["ratelimits"]["api"] for n in rig.names]
     assert sum(c["limited"] for c in counts) >= 20 and all(c["local"] == 0 for c in counts)
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{rig.admin['A']}/metrics", timeout=2).read().decode()
+    metrics = rig.metrics("A")
     assert 'halb_ratelimit_requests_total{node="A",result="limited",rule="api"}' in metrics
 
 
@@ -453,15 +468,9 @@ def test_redis_frozen_killed_and_restarted_under_load(rig: Rig) -> None:
     assert states["frozen"] == ["degraded", "degraded"] and states["killed"] == ["degraded", "degraded"]
     doc = rig.status("A")["state"]
     assert doc["fallback_decisions_total"] > 0 and doc["errors_total"] > 0
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{rig.admin['A']}/metrics", timeout=2).read().decode()
+    metrics = rig.metrics("A")
     assert 'halb_state_degraded{backend="redis",node="A"} 0.0' in metrics
-    out = subprocess.run(
-        ["python", "-m", "halb", "status", "--admin", f"127.0.0.1:{rig.admin['B']}"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        env={**os.environ, "COLUMNS": "200"},
-    ).stdout
+    out = rig.halb_status("B", 200)
     assert "store redis" in out and " ok " in out
 
 
@@ -470,15 +479,9 @@ def test_halb_status_says_degraded(rig: Rig) -> None:
     rig.redis.kill()  # type: ignore[attr-defined]
     asyncio.run(rig.sessions(3))  # requests notice at once; the ping notices within ping_interval
     wait_for(lambda: rig.store_state("A") == "degraded", 5, "A degraded")
-    out = subprocess.run(
-        ["python", "-m", "halb", "status", "--admin", f"127.0.0.1:{rig.admin['A']}"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        env={**os.environ, "COLUMNS": "250"},
-    ).stdout
+    out = rig.halb_status("A", 250)
     assert "DEGRADED (1/1 workers)" in out and "sticky by consistent hash, rate limits per node" in out
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{rig.admin['A']}/metrics", timeout=2).read().decode()
+    metrics = rig.metrics("A")
     assert 'halb_state_degraded{backend="redis",node="A"} 1.0' in metrics
 
 
@@ -543,5 +546,5 @@ def test_metrics_and_status_show_sticky_decisions(rig: Rig) -> None:
     assert b["sticky"]["app"]["store"] == 5
     assert (a["backend"], a["state"], a["degraded_workers"]) == ("redis", "ok", 0)
     assert a["target"] == rig.redis.url  # type: ignore[attr-defined]
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{rig.admin['B']}/metrics", timeout=2).read().decode()
+    metrics = rig.metrics("B")
     assert 'halb_sticky_decisions_total{node="B",pool="app",source="store"} 5.0' in metrics
