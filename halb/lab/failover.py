@@ -37,7 +37,6 @@ import random
 import select
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import threading
@@ -48,6 +47,7 @@ from typing import IO, Any
 
 from halb.lab import control, netns
 from halb.lab.netns import LabError
+from halb.lab.observe import parse_addresses
 from halb.lab.state import LabState
 from halb.lab.topology import ADMIN_PORT, LISTEN_PORT
 
@@ -220,13 +220,6 @@ class Traffic:
 
 
 # --- looking at the lab ------------------------------------------------------------------------------------
-def link_mac(namespace: str, device: str = "eth0") -> str | None:
-    result = netns.run(["ip", "-n", namespace, "-j", "link", "show", device], check=False)
-    with contextlib.suppress(ValueError, IndexError, KeyError):
-        return str(json.loads(result.stdout)[0]["address"])
-    return None
-
-
 def neighbour_mac(namespace: str, address: str) -> str | None:
     """The MAC of `address` in `namespace`'s neighbour table (ARP cache), if it has one."""
     result = netns.run(["ip", "-n", namespace, "-j", "neigh", "show", address], check=False)
@@ -253,8 +246,6 @@ def vrrp_instances(st: LabState) -> dict[str, dict[str, Any] | None]:
 
 
 RTMGRP_IPV4_IFADDR = 0x10
-RTM_NEWADDR = 20
-IFA_ADDRESS, IFA_LOCAL = 1, 2
 
 
 def _netlink_addr_socket() -> socket.socket:
@@ -262,27 +253,6 @@ def _netlink_addr_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     sock.bind((0, RTMGRP_IPV4_IFADDR))
     return sock
-
-
-def new_addresses(data: bytes) -> list[str]:
-    """The IPv4 addresses announced by the RTM_NEWADDR messages in one netlink datagram."""
-    found = []
-    offset = 0
-    while offset + 16 <= len(data):
-        length, kind = struct.unpack_from("=IH", data, offset)
-        if length < 16:
-            break
-        if kind == RTM_NEWADDR:
-            at = offset + 16 + 8  # nlmsghdr, ifaddrmsg
-            while at + 4 <= offset + length:
-                rta_len, rta_type = struct.unpack_from("=HH", data, at)
-                if rta_len < 4:
-                    break
-                if rta_type in (IFA_ADDRESS, IFA_LOCAL) and rta_len == 8:
-                    found.append(socket.inet_ntoa(data[at + 4 : at + 8]))
-                at += (rta_len + 3) & ~3
-        offset += (length + 3) & ~3
-    return found
 
 
 class VipWatch:
@@ -310,7 +280,7 @@ class VipWatch:
                 readable, _, _ = select.select(list(self._sockets), [], [], 0.05)
                 now = time.monotonic()
                 for sock in readable:
-                    if self._vip in new_addresses(sock.recv(65536)) and self.at is None:
+                    if self._vip in parse_addresses(sock.recv(65536))[0] and self.at is None:
                         self.at, self.holder = now, self._sockets[sock]
         finally:
             for sock in self._sockets:
@@ -382,7 +352,7 @@ def run(
         raise LabError("--rounds must be >= 1 and --rate > 0")
     interval = float(st.options.get("advert_interval", 1.0))
     takeover_timeout = 5.0 + 10 * interval
-    macs = {mac: lb.name for lb in lbs if (mac := link_mac(lb.namespace)) is not None}
+    macs = {mac: lb.name for lb in lbs if (mac := netns.link_mac(lb.namespace)) is not None}
     client = st.topology.host("client").namespace
     report = FailoverReport(prefix, st.topology.vip, interval, None, rate, connect_timeout)
     traffic = Traffic(st, rate, connect_timeout, timeout)

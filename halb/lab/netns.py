@@ -13,8 +13,10 @@ changes the calling thread), which is how the lab talks to its hosts without spa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import http.client
+import json
 import os
 import shlex
 import socket
@@ -135,24 +137,36 @@ def ipv4_addresses(namespace: str, device: str | None = None) -> list[str]:
     return found
 
 
+def link_mac(namespace: str, device: str = HOST_IF) -> str | None:
+    """The MAC address of `device` in `namespace`, None if there is no such link."""
+    result = run(["ip", "-n", namespace, "-j", "link", "show", device], check=False)
+    with contextlib.suppress(ValueError, IndexError, KeyError):
+        return str(json.loads(result.stdout)[0]["address"])
+    return None
+
+
 # --- Python inside a namespace ------------------------------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def join_netns(namespace: str) -> None:
+    """Move the calling thread into `namespace`'s network stack (setns(2) changes only this thread)."""
+    path = os.path.join(NETNS_DIR, namespace)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise LabError(f"setns({path}): {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
 def in_netns(namespace: str, fn: Callable[..., T], *args: object, timeout: float = 30.0) -> T:
     """Call fn(*args) in a fresh thread that has joined `namespace`'s network stack; return its result."""
-    path = os.path.join(NETNS_DIR, namespace)
     box: dict[str, object] = {}
 
     def target() -> None:
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise LabError(f"setns({path}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
+            join_netns(namespace)
             box["result"] = fn(*args)
         except BaseException as exc:
             box["error"] = exc

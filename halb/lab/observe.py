@@ -52,7 +52,6 @@ import asyncio
 import contextlib
 import ctypes
 import json
-import os
 import socket
 import statistics
 import struct
@@ -71,22 +70,10 @@ INTERVAL = 0.05
 PROBE_MAC = bytes.fromhex("02a1b0000001")  # locally administered: no real interface has it
 ETH_P_ALL, ETH_P_ARP, ETH_P_IP = 0x0003, 0x0806, 0x0800
 PACKET_OUTGOING = 4
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def mac_text(raw: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw)
-
-
-def join_netns(namespace: str) -> None:
-    """Move the calling thread into `namespace`'s network stack (setns(2) changes only this thread)."""
-    fd = os.open(os.path.join(netns.NETNS_DIR, namespace), os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise LabError(f"setns({namespace}): {os.strerror(ctypes.get_errno())}")
-    finally:
-        os.close(fd)
 
 
 # --- reading a namespace: addresses (netlink) and the nftables fence (libnftables) ----------------------
@@ -384,7 +371,7 @@ class Observer:
         self.client_ns = topo.host("client").namespace
         self.macs: dict[str, str] = {}  # lb name -> MAC of its eth0
         for name in self.lbs:
-            found = _link_mac(topo.host(name).namespace)
+            found = netns.link_mac(topo.host(name).namespace)
             if found is None:
                 raise LabError(f"{name} has no {HOST_IF}")
             self.macs[name] = found
@@ -535,7 +522,7 @@ class Observer:
                         self._replies.append(frame)
 
     def _traffic(self) -> None:
-        join_netns(self.client_ns)
+        netns.join_netns(self.client_ns)
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
@@ -636,13 +623,6 @@ class Observer:
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.01)
-
-
-def _link_mac(namespace: str) -> str | None:
-    result = netns.run(["ip", "-n", namespace, "-j", "link", "show", HOST_IF], check=False)
-    with contextlib.suppress(ValueError, IndexError, KeyError):
-        return str(json.loads(result.stdout)[0]["address"])
-    return None
 
 
 # --- pure analysis -----------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class KeepalivedNode:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        if shutil.which("keepalived") is None:
+            raise RuntimeError("keepalived is not installed (scripts/setup installs it)")
         check = subprocess.run(
             ["keepalived", "--config-test", "-f", str(self.conf)], capture_output=True, text=True
         )

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from halb.lab import failover
+from halb.lab import failover, netns
 from halb.lab.netns import LabError
 from tests.conftest import report
 from tests.lab.test_lab import Lab, running_lab, wait_for
@@ -29,11 +28,6 @@ MASTER_DOWN_LB2 = 3 * ADVERT + (256 - 140) * ADVERT / 256
 
 def holders(lab: Lab) -> list[str]:
     return list(lab.status()["vip_holders"])
-
-
-def client_pids(lab: Lab) -> list[str]:
-    out = subprocess.run(["ip", "netns", "pids", lab.ns("client")], capture_output=True, text=True).stdout
-    return out.split()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,8 @@ def settled(lab: Lab) -> Iterator[None]:
         if host["state"] == "frozen":
             lab("thaw", host["name"])
     wait_for(lambda: holders(lab) == ["lb1"], timeout=10, what="lb1 to hold the VIP again")
-    wait_for(lambda: not client_pids(lab), timeout=5, what="no process left in the client namespace")
+    client = lab.ns("client")
+    wait_for(lambda: not netns.pids(client), timeout=5, what="no process left in the client namespace")
 
 
 def test_failover_json_times_each_takeover(lab: Lab) -> None:

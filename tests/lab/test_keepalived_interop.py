@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,17 +38,15 @@ from typing import Any
 
 import pytest
 
-from halb.lab import control, failover
+from halb.lab import control, failover, netns
 from halb.lab.netns import in_netns, ipv4_addresses
 from halb.vrrp.codec import DecodeError, decode, encode
 from tests.conftest import report
 from tests.lab.keepalived import KeepalivedNode, stop_group
-from tests.lab.test_lab import Lab, running_lab, wait_for
+from tests.lab.test_lab import Lab, VipWatch, running_lab, wait_for
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(shutil.which("keepalived") is None, reason="keepalived is not installed"),
-]
+# no skip without keepalived: scripts/setup installs it, and a missing peer must fail the run, not hide it
+pytestmark = pytest.mark.lab
 
 PREFIX = f"hk{os.getpid() % 1000}"
 ADVERT = float(os.environ.get("HALB_INTEROP_ADVERT", "0.1"))  # e.g. 1 to run it at keepalived's default
@@ -121,10 +117,6 @@ def holders(lab: Lab) -> list[str]:
     return [lb for lb in ("lb1", "lb2") if VIP in ipv4_addresses(lab.ns(lb), "eth0")]
 
 
-def ns_pids(namespace: str) -> list[str]:
-    return subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
-
-
 def proxy_ready(lab: Lab) -> bool:
     try:
         return lab.get(LB2, 9901, "/healthz", timeout=0.5)[0] == 200
@@ -155,29 +147,6 @@ def capture(src: str, count: int = 2, timeout: float = 5.0) -> list[bytes]:
             if source == src:
                 found.append(data)
     return found
-
-
-class VipWatch:
-    """Polls the VIP holders every few ms; `at` is when they first became `want` (monotonic)."""
-
-    def __init__(self, lab: Lab, want: list[str], timeout: float = 10.0) -> None:
-        self.lab, self.want, self.timeout = lab, want, timeout
-        self.at: float | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if holders(self.lab) == self.want:
-                self.at = time.monotonic()
-                return
-            time.sleep(0.003)
-
-    def result(self) -> float:
-        self._thread.join(self.timeout + 1)
-        assert self.at is not None, f"VIP holders never became {self.want} (now {holders(self.lab)})"
-        return self.at
 
 
 def halb_master_keepalived_backup(lab: Lab, keepalived: Keepalived) -> bool:
@@ -214,7 +183,7 @@ def keepalived(lab: Lab) -> Iterator[Keepalived]:
     finally:
         daemon.close()
     assert not daemon.dir.exists()
-    wait_for(lambda: not ns_pids(lab.ns("lb2")), timeout=5, what="no process left in lb2's namespace")
+    wait_for(lambda: not netns.pids(lab.ns("lb2")), timeout=5, what="no process left in lb2's namespace")
 
 
 @pytest.fixture(autouse=True)
@@ -250,7 +219,7 @@ def test_keepalived_stays_backup_behind_halb_and_the_vip_is_only_on_lb1(
 
 
 def test_kill_halb_keepalived_takes_over_then_halb_preempts(lab: Lab, keepalived: Keepalived) -> None:
-    watch = VipWatch(lab, ["lb2"])
+    watch = VipWatch(lambda: holders(lab), ["lb2"], timeout=10)
     killed_at = time.monotonic()
     assert control.kill(lab.prefix, "lb1")  # `halb lab kill lb1`
     takeover = watch.result() - killed_at
@@ -286,7 +255,7 @@ def test_kill_halb_keepalived_takes_over_then_halb_preempts(lab: Lab, keepalived
     )
 
     # halb comes back: as BACKUP it reads keepalived's adverts, then preempts with its higher priority
-    watch = VipWatch(lab, ["lb1"], timeout=30)
+    watch = VipWatch(lambda: holders(lab), ["lb1"], timeout=30)
     started = time.monotonic()
     lab("start", "lb1")
     preempt = watch.result() - started

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -28,16 +27,14 @@ from pathlib import Path
 
 import pytest
 
-from halb.lab import control
+from halb.lab import control, netns
 from halb.lab.observe import Observer, describe, figures
 from tests.conftest import report
 from tests.lab.keepalived import KeepalivedNode, stop_group
 from tests.lab.test_lab import Lab, running_lab, wait_for
 
-pytestmark = [
-    pytest.mark.lab,
-    pytest.mark.skipif(shutil.which("keepalived") is None, reason="keepalived is not installed"),
-]
+# no skip without keepalived: scripts/setup installs it, and a missing peer must fail the run, not hide it
+pytestmark = pytest.mark.lab
 
 PREFIX = f"hp{os.getpid() % 1000}"
 ADVERT = 0.1
@@ -51,10 +48,6 @@ AFTER = 3.0  # seconds observed after heal
 
 def holders(lab: Lab) -> list[str]:
     return control.vip_holders(control.lab_state(lab.prefix))
-
-
-def ns_pids(namespace: str) -> list[str]:
-    return subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +83,7 @@ def services(lab: Lab) -> Iterator[None]:
         for proc in procs:
             stop_group(proc)
     for name in PRIORITY:
-        wait_for(lambda n=name: not ns_pids(lab.ns(n)), timeout=5, what=f"no process left in {name}")
+        wait_for(lambda n=name: not netns.pids(lab.ns(n)), timeout=5, what=f"no process left in {name}")
 
 
 def serves(lab: Lab, address: str) -> bool:
@@ -124,7 +117,7 @@ def nodes(lab: Lab, services: None) -> Iterator[dict[str, KeepalivedNode]]:
 
 def ns_commands(namespace: str) -> list[str]:
     names = []
-    for pid in ns_pids(namespace):
+    for pid in netns.pids(namespace):
         with contextlib.suppress(OSError):
             names.append(Path(f"/proc/{pid}/comm").read_text().strip())
     return names

@@ -13,11 +13,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from halb.lab import netns
 from halb.lab.netns import http_get, in_netns
 from halb.lab.processes import is_ours, proc_stat, supervisor_of
 from halb.lab.state import ProcessRecord, run_dir
@@ -60,6 +62,29 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class VipWatch:
+    """A thread calling `holders()` every few ms; `at` is when it first returned `want` (monotonic)."""
+
+    def __init__(self, holders: Callable[[], list[str]], want: list[str], timeout: float) -> None:
+        self.holders, self.want, self.timeout = holders, want, timeout
+        self.at: float | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.holders() == self.want:
+                self.at = time.monotonic()
+                return
+            time.sleep(0.003)
+
+    def result(self) -> float:
+        self._thread.join(self.timeout + 1)
+        assert self.at is not None, f"VIP holders never became {self.want} (now {self.holders()})"
+        return self.at
 
 
 class Lab:
@@ -114,9 +139,9 @@ def emergency_cleanup(prefix: str) -> None:
             os.killpg(record.pid, signal.SIGKILL)  # type: ignore[arg-type]
     for ns in namespaces():
         if ns.startswith(f"{prefix}-"):
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                subprocess.run(["kill", "-9", pid], check=False)
+            for pid in netns.pids(ns):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             subprocess.run(["ip", "netns", "delete", ns], check=False)
     subprocess.run(["rm", "-rf", str(run_dir(prefix))], check=False)
 

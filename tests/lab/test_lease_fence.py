@@ -37,6 +37,7 @@ import pytest
 
 from halb.lab import control
 from halb.lab.netns import in_netns, ipv4_addresses
+from halb.lab.observe import percentile
 from tests.conftest import report
 from tests.lab.test_lab import Lab, running_lab, wait_for
 
@@ -271,11 +272,6 @@ def timed(action: Callable[[], object], lab: Lab, victim: str) -> tuple[float, f
     done.set()
     assert "vip" in marks and "answer" in marks, f"no takeover after {victim} went: {marks}"
     return marks["vip"], marks["answer"]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # --- the test -----------------------------------------------------------------------------------------------

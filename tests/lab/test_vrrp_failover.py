@@ -16,7 +16,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,7 +26,7 @@ from halb.lab import control
 from halb.lab.netns import http_get, in_netns, ipv4_addresses
 from halb.vrrp.codec import Advert, encode
 from tests.conftest import report
-from tests.lab.test_lab import Lab, running_lab, wait_for
+from tests.lab.test_lab import Lab, VipWatch, running_lab, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -95,29 +94,6 @@ def answers_through_vip(lab: Lab) -> bool:
     return curl_vip(lab) in ("web1", "web2")
 
 
-class Watch:
-    """A thread polling the VIP holders every few ms; `at` is when `want` was first seen (monotonic)."""
-
-    def __init__(self, lab: Lab, want: list[str], timeout: float = 15.0) -> None:
-        self.lab, self.want, self.timeout = lab, want, timeout
-        self.at: float | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if holders(self.lab) == self.want:
-                self.at = time.monotonic()
-                return
-            time.sleep(0.003)
-
-    def result(self) -> float:
-        self._thread.join(self.timeout + 1)
-        assert self.at is not None, f"VIP holders never became {self.want} (now {holders(self.lab)})"
-        return self.at
-
-
 def lb1_is_master_again(lab: Lab) -> bool:
     if holders(lab) != ["lb1"]:
         return False
@@ -171,7 +147,7 @@ def test_lb1_alone_holds_the_vip_and_the_client_reaches_it(lab: Lab) -> None:
 def test_sigkill_of_the_master_moves_the_vip_to_lb2_and_lb1_preempts_back(lab: Lab) -> None:
     assert answers_through_vip(lab)  # the client has a neighbour entry for the VIP: lb1's MAC
     assert client_arp(lab) == mac(lab, "lb1")
-    watch = Watch(lab, ["lb2"])
+    watch = VipWatch(lambda: holders(lab), ["lb2"], timeout=15)
     started = time.monotonic()
     assert control.kill(lab.prefix, "lb1")  # `halb lab kill lb1`: SIGKILL halb serve and its workers
     takeover = watch.result() - started
@@ -195,7 +171,7 @@ def test_sigkill_of_the_master_moves_the_vip_to_lb2_and_lb1_preempts_back(lab: L
     assert two["last_transition"]["to"] == "MASTER"
 
     # lb1 comes back with the higher priority and preempts
-    watch = Watch(lab, ["lb1"], timeout=30)
+    watch = VipWatch(lambda: holders(lab), ["lb1"], timeout=30)
     started = time.monotonic()
     lab("start", "lb1")
     preempt = watch.result() - started
@@ -208,7 +184,7 @@ def test_sigkill_of_the_master_moves_the_vip_to_lb2_and_lb1_preempts_back(lab: L
 def test_sigterm_hands_over_at_once_with_a_priority_zero_advert(lab: Lab) -> None:
     assert answers_through_vip(lab)
     assert client_arp(lab) == mac(lab, "lb1")
-    watch = Watch(lab, ["lb2"])
+    watch = VipWatch(lambda: holders(lab), ["lb2"], timeout=15)
     started = time.monotonic()
     assert control.stop(lab.prefix, "lb1")  # `halb lab stop lb1`: SIGTERM, wait for the exit
     takeover = watch.result() - started

@@ -14,17 +14,16 @@ from rich.console import Console
 from halb.demo_backend import DemoBackend
 from halb.lab import traffic
 from halb.lab.failover import (
-    RTM_NEWADDR,
     FailoverReport,
     RoundResult,
     Sample,
     failed_between,
     first_ok,
-    new_addresses,
     render,
     summarize,
     takeover_of,
 )
+from halb.lab.observe import RTM_NEWADDR, parse_addresses
 
 
 def s(seq: int, start: float, end: float, ok: bool, body: str = "") -> Sample:
@@ -95,16 +94,16 @@ def _rta(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", 4 + len(payload), kind) + payload
 
 
-def test_new_addresses_parses_rtm_newaddr() -> None:
+def test_parse_addresses_reads_the_watch_s_address_notifications() -> None:
     body = struct.pack("=BBBBI", socket.AF_INET, 32, 0, 0, 2)  # ifaddrmsg
     body += _rta(1, socket.inet_aton("10.99.0.100")) + _rta(2, socket.inet_aton("10.99.0.100"))
     body += _rta(3, b"eth0\x00\x00\x00\x00")  # IFA_LABEL: ignored
     message = struct.pack("=IHHII", 16 + len(body), RTM_NEWADDR, 0, 0, 0) + body
     deleted = struct.pack("=IHHII", 16 + len(body), RTM_NEWADDR + 1, 0, 0, 0) + body  # RTM_DELADDR
-    assert new_addresses(message) == ["10.99.0.100", "10.99.0.100"]
-    assert new_addresses(deleted) == []
-    assert new_addresses(deleted + message) == ["10.99.0.100", "10.99.0.100"]
-    assert new_addresses(b"\x00" * 7) == []
+    assert parse_addresses(message) == (["10.99.0.100", "10.99.0.100"], False)
+    assert parse_addresses(deleted) == ([], False)
+    assert parse_addresses(deleted + message) == (["10.99.0.100", "10.99.0.100"], False)
+    assert parse_addresses(b"\x00" * 7) == ([], False)
 
 
 def test_traffic_client_against_a_backend_and_a_closed_port() -> None:

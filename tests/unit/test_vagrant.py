@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from halb.config import load
+from halb.lab.netns import LB_SYSCTLS
 from halb.lab.topology import build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,3 +106,9 @@ def test_lb_provisioning_config_loads(tmp_path: Path) -> None:
         assert config.vrrp is not None
         assert config.vrrp.interface == LB_INTERFACE
         assert config.vrrp.vip_addresses == (vip,)
+
+
+def test_lb_sysctls_are_the_lab_balancers() -> None:
+    text = (SCRIPTS / "lb.sh").read_text()
+    written = dict(re.findall(r"^(net\.\S+) = (\S+)$", text, re.M))
+    assert written == LB_SYSCTLS
