@@ -105,6 +105,11 @@ class RedisProcess:
                 self.proc.wait(timeout=5)
 
 
+def _missing(what: str) -> None:
+    """A missing Redis is a failure, never a skip: scripts/setup (the README's test command) installs it."""
+    pytest.fail(what, pytrace=False)
+
+
 class RedisServers:
     """redis-server / redis-sentinel processes on free loopback ports, all gone at cleanup()."""
 
@@ -115,7 +120,7 @@ class RedisServers:
     def server(self, *extra: str) -> RedisProcess:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.skip("redis-server not installed (apt-get install -y redis-server)")
+            _missing("redis-server not installed (apt-get install -y redis-server)")
         port = free_port()
         workdir = self.tmp / f"redis-{port}"
         workdir.mkdir(exist_ok=True)
@@ -137,7 +142,7 @@ class RedisServers:
     def sentinel(self, master_port: int, service: str, down_after_ms: int = 400) -> RedisProcess:
         binary = shutil.which("redis-sentinel")
         if binary is None:
-            pytest.skip("redis-sentinel not installed (apt-get install -y redis-sentinel)")
+            _missing("redis-sentinel not installed (apt-get install -y redis-sentinel)")
         port = free_port()
         conf = self.tmp / f"sentinel-{port}.conf"
         conf.write_text(

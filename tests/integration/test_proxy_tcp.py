@@ -30,7 +30,9 @@ def event_loop_kind(request: pytest.FixtureRequest) -> str:
 def run(main: Callable[[], Coroutine[Any, Any, None]], timeout: float = 5.0) -> None:
     factory = None
     if _LOOP[0] == "uvloop":
-        factory = pytest.importorskip("uvloop").new_event_loop
+        import uvloop  # a dependency on Linux: missing it is a failure, not a skip
+
+        factory = uvloop.new_event_loop
 
     async def guarded() -> None:
         try:

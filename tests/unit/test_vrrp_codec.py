@@ -134,7 +134,6 @@ def test_known_vector_rfc9568_checksum() -> None:
 
 
 def test_cross_check_against_scapy() -> None:
-    pytest.importorskip("scapy")
     from scapy.layers.inet import IP
     from scapy.layers.vrrp import VRRPv3
     from scapy.utils import checksum as scapy_checksum
