@@ -39,6 +39,7 @@ from halb.lab import control
 from halb.lab.netns import in_netns, ipv4_addresses
 from halb.lab.observe import percentile
 from tests.conftest import report
+from tests.lab import settle
 from tests.lab.test_lab import Lab, running_lab, wait_for
 
 pytestmark = pytest.mark.lab
@@ -132,35 +133,9 @@ def served(lab: Lab, lb: str) -> int:
     return sum(b["requests_total"] for pool in doc["pools"] for b in pool["backends"])
 
 
-def stable(lab: Lab) -> str | None:
-    """The holder when exactly one balancer holds the VIP, says MASTER and holds the lease, the other is
-    BACKUP, and the client is served through the VIP; else None."""
-    found = holders(lab)
-    if len(found) != 1:
-        return None
-    holder = found[0]
-    other = "lb2" if holder == "lb1" else "lb1"
-    one, two = status(lab, holder), status(lab, other)
-    if one is None or two is None:
-        return None
-    if one["vrrp"]["instances"][0]["state"] != "MASTER" or two["vrrp"]["instances"][0]["state"] != "BACKUP":
-        return None
-    if not one["cluster"]["lease"]["may_act"] or not answers(lab):
-        return None
-    return holder
-
-
-def wait_stable(lab: Lab, timeout: float = 20.0) -> str:
-    box: dict[str, str] = {}
-
-    def check() -> bool:
-        holder = stable(lab)
-        if holder is not None:
-            box["holder"] = holder
-        return holder is not None
-
-    wait_for(check, timeout=timeout, what="one VIP holder, MASTER with the lease, the other BACKUP")
-    return box["holder"]
+def wait_stable(lab: Lab) -> str:
+    """Settled (`tests.lab.settle`), the holder's lease confirmed (`may_act`)."""
+    return settle.wait_stable(lab, also=lambda doc: bool(doc["cluster"]["lease"]["may_act"]))
 
 
 # --- ARP on the client's wire -------------------------------------------------------------------------------

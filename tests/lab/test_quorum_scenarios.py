@@ -46,9 +46,14 @@ from typing import Any
 import pytest
 
 from halb.lab import control
-from halb.lab.netns import http_get, in_netns
 from halb.lab.observe import Observer, Tick, describe, figures, percentile, runs
 from tests.conftest import report
+from tests.lab.settle import (
+    ADDRESS,
+    VIP,
+    holders,
+    wait_stable,
+)
 from tests.lab.test_lab import Lab, running_lab, wait_for
 
 pytestmark = pytest.mark.lab
@@ -56,8 +61,6 @@ pytestmark = pytest.mark.lab
 PREFIX = f"hq{os.getpid() % 1000}"
 ADVERT = 0.1
 LEASE = 2.0  # the lab's cluster.lease_duration (ClusterSpec default)
-VIP = "10.99.0.100"
-ADDRESS = {"lb1": "10.99.0.11", "lb2": "10.99.0.12", "witness": "10.99.0.240"}
 TOKEN = "halb-lab-admin-token"
 RATE = 50.0  # requests/s through the VIP while a scenario runs
 ROUNDS = 10
@@ -66,22 +69,6 @@ FIGURES: dict[str, Any] = {}
 
 
 # --- looking at the lab ---------------------------------------------------------------------------------
-def node_status(lab: Lab, name: str) -> dict[str, Any] | None:
-    try:
-        code, body = in_netns(lab.ns("client"), http_get, ADDRESS[name], 9901, "/status", 1.0)
-        return json.loads(body) if code == 200 else None
-    except (OSError, ValueError):
-        return None
-
-
-def vrrp_instance(lab: Lab, name: str) -> dict[str, Any] | None:
-    doc = node_status(lab, name)
-    try:
-        return dict(doc["vrrp"]["instances"][0]) if doc else None
-    except (KeyError, IndexError, TypeError):
-        return None
-
-
 def log_lines(lab: Lab, name: str, since: float, words: tuple[str, ...] = ("lease", "releas")) -> list[str]:
     """The lines of a node's lab log that mention the lease or a release, written after `since`
     (wall clock)."""
@@ -92,62 +79,6 @@ def log_lines(lab: Lab, name: str, since: float, words: tuple[str, ...] = ("leas
         return []
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
     return [ln for ln in lines if any(w in ln for w in words) and (ln[:19] >= stamp or not ln[:4].isdigit())]
-
-
-def holders(lab: Lab) -> list[str]:
-    return control.vip_holders(control.lab_state(lab.prefix))
-
-
-def answers_through_vip(lab: Lab) -> bool:
-    try:
-        return in_netns(lab.ns("client"), http_get, VIP, 80, "/", 1.0)[0] == 200
-    except OSError:
-        return False
-
-
-def client_arp(lab: Lab) -> str | None:
-    out = subprocess.run(
-        ["ip", "-n", lab.ns("client"), "-j", "neigh", "show", VIP], capture_output=True, text=True
-    )
-    entries = [e for e in json.loads(out.stdout or "[]") if "lladdr" in e]
-    return f"{entries[0]['lladdr']} {entries[0].get('state')}" if entries else None
-
-
-def wait_stable(lab: Lab, hold: float = 0.5, timeout: float = 20.0) -> str:
-    """Wait for one VIP holder that says MASTER while the other balancer says BACKUP, unchanged for
-    `hold` seconds, and an answer through the VIP; returns the holder."""
-    deadline = time.monotonic() + timeout
-    since: float | None = None
-    last: str | None = None
-    why = ""
-    while time.monotonic() < deadline:
-        found = holders(lab)
-        instances = {lb: vrrp_instance(lab, lb) for lb in ("lb1", "lb2")}
-        states = {lb: (inst or {}).get("state") for lb, inst in instances.items()}
-        # no preemption pending: every balancer at its base priority (a node that lost its lease runs
-        # a hold-down with a lowered priority, then preempts), the holder the highest of them
-        lowered = [lb for lb, inst in instances.items() if inst and inst["priority"] != inst["base_priority"]]
-        top = max(instances, key=lambda lb: (instances[lb] or {}).get("base_priority", 0))
-        good = (
-            len(found) == 1
-            and found[0] == top
-            and not lowered
-            and states[found[0]] == "MASTER"
-            and all(s == "BACKUP" for lb, s in states.items() if lb != found[0])
-        )
-        why = (
-            f"holders {found}, VRRP {states}, lowered priority: {lowered or 'none'}, "
-            f"client's ARP entry for the VIP: {client_arp(lab)}"
-        )
-        if good and found[0] == last and since is not None:
-            if time.monotonic() - since >= hold and answers_through_vip(lab):
-                return found[0]
-        elif good:
-            since, last = time.monotonic(), found[0]
-        else:
-            since, last = None, None
-        time.sleep(0.05)
-    raise AssertionError(f"the cluster did not become stable within {timeout}s: {why}")
 
 
 def settle(lab: Lab, problems: list[str], what: str, timeout: float = 10.0) -> str:
