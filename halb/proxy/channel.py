@@ -11,6 +11,8 @@ lazily re-armed timer: a wait only records its deadline; the timer, armed at or 
 deadline, expires what is due when it fires and re-arms itself for what is left. Deadlines mostly move
 forward, so a busy keep-alive connection re-arms about once per timeout period, not per request.
 There is one reader waiter and one drain waiter: one coroutine reads a channel at a time, and one writes.
+Code that reads a channel from callbacks instead of a coroutine sets `on_ready`: it is called after each
+arrival of bytes, EOF or the loss of the connection, in place of waking the reader.
 
 `eof` is set when the peer shut down its sending side; `closed` when the connection is gone (`error` holds
 the reason if it was not a clean close). `write()` raises ConnectionResetError on a closed channel.
@@ -19,6 +21,7 @@ the reason if it was not a clean close). `write()` raises ConnectionResetError o
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import cast
 
 DEFAULT_HIGH_WATER = 256 * 1024
@@ -54,6 +57,7 @@ class Channel(asyncio.Protocol):
         self._keep_open = keep_open_on_eof
         self._high = high_water
         self._low = low_water
+        self.on_ready: Callable[[], None] | None = None  # a callback reader (see the module docstring)
 
     # --- protocol callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -62,21 +66,34 @@ class Channel(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
+        self.append(data)
+        if self.on_ready is not None:
+            self.on_ready()
+            return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def append(self, data: bytes) -> None:
+        """Buffer received bytes (pausing the socket above the high-water mark); wakes nobody."""
         self.buf += data
         self.received += len(data)
         if not self._read_paused and len(self.buf) >= self._high and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.on_ready is not None:
+            self.on_ready()
+        self.wake()
+        return self._keep_open
+
+    def wake(self) -> None:
+        """Wake the coroutine waiting in `wait_more`, if any."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        return self._keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -87,6 +104,8 @@ class Channel(asyncio.Protocol):
         for waiter in (self._waiter, self._drain_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        if self.on_ready is not None:
+            self.on_ready()
         self.on_lost()
 
     def pause_writing(self) -> None:
@@ -120,6 +139,14 @@ class Channel(asyncio.Protocol):
         finally:
             self._waiter = None
             self._read_deadline = None
+
+    def move_read_deadline(self, deadline: float) -> None:
+        """Give the pending `wait_more` a new deadline (earlier or later)."""
+        if self._waiter is None:
+            return
+        self._read_deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            self._arm(deadline)
 
     def take(self, n: int) -> bytes | bytearray:
         """Remove and return the first `n` bytes of `buf` (all of it without copying when n >= len)."""

@@ -111,10 +111,12 @@ _RESPONSE_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\
 
 def _specials(regex: re.Pattern[bytes], raw: bytes, start: int) -> list[Special]:
     # `start` is the index of the CRLF that ends the first line: every field line follows a CRLF.
-    return [
-        (m.group(1).lower(), m.group(2).strip(b" \t"), m.start() + 2, m.end() + 2)
-        for m in regex.finditer(raw, start)
-    ]
+    out = []
+    for m in regex.finditer(raw, start):
+        name, value = m.groups()
+        line_start, line_end = m.span()
+        out.append((name.lower(), value.strip(b" \t"), line_start + 2, line_end + 2))
+    return out
 
 
 class RequestHead:
@@ -341,6 +343,8 @@ def _header_line(line: bytes, error_status: int) -> tuple[bytes, bytes, bytes]:
 
 
 def _content_length(value: bytes, current: int | None, error_status: int) -> int:
+    if current is None and value.isdigit() and len(value) <= 18:
+        return int(value)  # the common case: one plain number
     result = current
     for part in value.split(b","):
         digits = part.strip(b" \t")
@@ -355,6 +359,9 @@ def _content_length(value: bytes, current: int | None, error_status: int) -> int
 
 
 def _tokens(value: bytes) -> list[bytes]:
+    lower = value.lower()
+    if lower == b"keep-alive" or lower == b"close":
+        return [lower]  # the common case: one plain token
     return [t for t in (p.strip(b" \t").lower() for p in value.split(b",")) if t]
 
 

@@ -14,6 +14,12 @@ each side's `Channel` stops reading past its high-water mark and the writer wait
 transport to drain, so a slow reader holds back the fast writer and memory stays bounded per connection.
 Requests are served strictly in order; pipelined requests wait in the client buffer (which is bounded too).
 
+Inline requests: while the task is parked waiting for the next request, a simple one (a complete head, no
+body, a pooled backend connection, a whole Content-Length response) is served from the protocol callbacks
+without waking the task (`_serve_inline`); whatever else happens is handed to the task at the stage the
+callbacks reached, so the task remains the one place where errors, timeouts, bodies and retries are
+handled. Listeners with a sessions hook or a maxconn queue (both may wait) never serve inline.
+
 Retries: a request is resent only (a) to another backend when the connect failed, nothing was sent yet;
 (b) on a fresh connection to the same backend when a *reused* pooled connection turned out dead (write
 failed or closed with no response byte) and the request is idempotent without a body (GET, HEAD, OPTIONS,
@@ -32,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from halb.backend import Backend
@@ -46,6 +53,8 @@ from halb.proxy.http_codec import (
     MAX_RESPONSE_HEAD,
     MAX_RESPONSE_LINE,
     BodyFramer,
+    LengthBody,
+    NoBody,
     RequestHead,
     ResponseHead,
     find_head_end,
@@ -109,6 +118,25 @@ REJECT_LINGER_SECONDS = 0.5  # the same for connections refused by a connection 
 COALESCE_BYTES = 65536  # response body bytes copied behind the head to send both in one write
 
 
+@dataclass(slots=True)
+class _Inline:
+    """A request the protocol callbacks started (`HttpConnection._serve_inline`), and how far they got:
+    parsed (`framer` None), backend chosen (`framer` set, `up` None; `backend` None = no backend), or sent
+    on the pooled connection `up` (its response being read: `resp` once its head is complete)."""
+
+    req: RequestHead
+    rid: bytes = b""
+    out_head: bytes = b""
+    framer: BodyFramer | None = None
+    ctx: Context | None = None
+    backend: Backend | None = None
+    up: Channel | None = None
+    received_before: int = 0  # up.received when the head went out
+    resp: ResponseHead | None = None
+    head_end: int = 0
+    length: int = 0  # the response body's length
+
+
 class _DeadReused(Exception):
     """A reused keep-alive connection was found closed before any response byte: resend on a fresh one."""
 
@@ -157,6 +185,9 @@ class HttpListener:
         elif hash_key == "path":
             self._key_kind = 3
         self.keyed = self._key_kind != 0  # hash_key() has something to extract from requests
+        # Requests may be served inline, in the protocol callbacks (see HttpConnection._serve_inline),
+        # unless a per-request hook may have to wait: the sessions hook (Redis) or the maxconn queue.
+        self.inline_ok = sessions is None and queue is None
 
     def protocol_factory(self) -> asyncio.Protocol:
         return HttpConnection(self)
@@ -250,6 +281,11 @@ class HttpConnection(Channel):
         self._pump_done_at: float | None = None
         self._t0 = 0.0  # when the current request's head was parsed
         self.sticky: RequestSticky | None = None  # [state] hook: this request's sticky session, if any
+        self._parked = False  # the task waits in _read_head for the next request: callbacks may serve
+        self._inline: _Inline | None = None  # the request the callbacks are serving
+        self._inline_error: ProtocolError | None = None  # a bad head the callbacks found, for the task
+        self._inline_closing = False  # the callbacks answered a request that ends the connection
+        self._idle_deadline: float | None = None  # the idle deadline after the last inline response
 
     # --- protocol ------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -281,6 +317,11 @@ class HttpConnection(Channel):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
+        if self._parked and self.listener.inline_ok:
+            self.append(data)
+            if self._inline is None:
+                self._serve_inline()
+            return
         super().data_received(data)
 
     def eof_received(self) -> bool:
@@ -311,7 +352,9 @@ class HttpConnection(Channel):
                 if head is None:
                     break
                 first = False
-                if not await self._exchange(head) or listener.draining:
+                inline, self._inline = self._inline, None
+                keep = await (self._exchange(head) if inline is None else self._resume(inline))
+                if not keep or listener.draining:
                     break
         except ProtocolError as exc:
             listener.stats.count_bad_request(exc.reason)
@@ -326,6 +369,8 @@ class HttpConnection(Channel):
             log.exception("unexpected error serving HTTP client %s", self.client_ip)
         finally:
             self.finished = True
+            if self._inline is not None:
+                self._abandon_inline()
             self._close_client()
             listener.connection_done(self)
 
@@ -376,6 +421,14 @@ class HttpConnection(Channel):
         self._method = b""
         deadline: float | None = None
         while True:
+            # What the callbacks left while this task was parked (see _serve_inline):
+            if self._inline is not None:
+                return self._inline.req  # a request they started and hand over
+            if self._inline_error is not None:
+                error, self._inline_error = self._inline_error, None
+                raise error  # a bad head they read
+            if self._inline_closing:
+                return None  # they answered a request that ends the connection
             buf = self.buf
             skip = 0
             while buf.startswith(b"\r\n", skip):
@@ -388,10 +441,16 @@ class HttpConnection(Channel):
                 return None
             if deadline is None:
                 deadline = loop.time() + (config.header_timeout if first else config.client_timeout)
+            self._parked = True
             try:
                 await self.wait_more(deadline)
             except TimeoutError:
-                return None
+                if self._inline is None:
+                    return None  # idle too long (else: a late response to an inline request: taken over)
+            finally:
+                self._parked = False
+                if self._idle_deadline is not None:  # the callbacks served requests: idle since then
+                    deadline, self._idle_deadline = self._idle_deadline, None
         self.idle = False
         # The head: complete within header_timeout of its first byte.
         deadline = None
@@ -413,6 +472,195 @@ class HttpConnection(Channel):
         listener.stats.bytes_in += end
         return parse_request_head(data, config.max_request_line, config.max_header_bytes)
 
+    # --- inline requests: served from the protocol callbacks while the task is parked ---------------------
+    def _serve_inline(self) -> None:
+        """Serve the request at the head of the buffer without waking the task, if it is a simple one.
+
+        Called from `data_received` while the task waits for the next request (`_parked`). A complete
+        head without a body, whose backend has a pooled keep-alive connection, is sent upstream here and
+        its response is answered from that connection's callback (`_inline_response`) when it arrives
+        whole: a head and a Content-Length body (or none). That saves two task switches and a coroutine
+        chain per request, most of a small request's Python time. Anything else is handed to the task at
+        the stage it reached (`_Inline`; the task's `_read_head` returns it and `_resume` serves it the
+        usual way): a partial, bad or CRLF-led head, a body, no backend, no pooled connection, a 1xx,
+        chunked, close-delimited, large or late response, an upstream error. The task's idle timer is
+        the inline request's timer: it is moved to the response deadline and back to the idle deadline.
+        """
+        if self._inline is not None or self._inline_error is not None or self._inline_closing:
+            return
+        buf = self.buf
+        if not buf:
+            return
+        listener = self.listener
+        config = listener.config
+        if buf[0] in (10, 13) or listener.draining:
+            self.wake()
+            return
+        try:
+            end = find_head_end(buf, config.max_request_line, config.max_header_bytes)
+        except ProtocolError:
+            end = -1  # the task reads the same and answers it
+        if end < 0:
+            self.wake()  # a partial head: the task times its completion (header_timeout)
+            return
+        data = self.take(end)
+        stats = listener.stats
+        stats.bytes_in += end
+        self.idle = False
+        try:
+            req = parse_request_head(data, config.max_request_line, config.max_header_bytes)
+        except ProtocolError as exc:
+            self._inline_error = exc
+            self.wake()
+            return
+        inline = self._inline = _Inline(req)
+        framer = request_framer(req)
+        if not framer.done:
+            self.wake()  # a body: the task streams it
+            return
+        stats.requests_total += 1
+        self._method = req.method
+        inline.rid, inline.out_head = self._request_head(req)
+        inline.framer = framer
+        self._t0 = now = self.loop.time()
+        inline.ctx = ctx = Context(self.client_ip, listener.hash_key(req) if listener.keyed else "", now)
+        pool = listener.pool
+        try:
+            backend = pool.choose(ctx)
+        except Exception:
+            log.exception("pool %s: choosing a backend failed", pool.name)
+            backend = None
+        inline.backend = backend
+        if backend is None:
+            self.wake()
+            return
+        backend.on_connection_opened()
+        up = listener.upstream.acquire(backend, now, idempotent=req.method in IDEMPOTENT_METHODS)
+        if up is None:
+            backend.on_connection_closed()  # the task connects (and counts the connection again)
+            self.wake()
+            return
+        stats.in_flight += 1
+        self.upstream_channel = up
+        inline.up = up
+        inline.received_before = up.received
+        up.on_ready = self._inline_response
+        self.move_read_deadline(now + pool.config.timeout)  # no whole response by then: the task takes over
+        try:
+            up.write(inline.out_head)
+        except ConnectionError:
+            self._escalate(up)
+
+    def _inline_response(self) -> None:
+        """`on_ready` of the upstream connection of an inline request: answer it when the response is
+        whole, wait when it is not yet, hand it to the task when it is not simple."""
+        inline = self._inline
+        up = inline.up if inline is not None else None
+        if inline is None or up is None:
+            return
+        buf = up.buf
+        resp = inline.resp
+        if resp is None:
+            try:
+                end = find_head_end(buf, MAX_RESPONSE_LINE, MAX_RESPONSE_HEAD, status=(502, 502))
+                if end > 0:
+                    resp = parse_response_head(bytes(buf[:end]))
+            except ProtocolError:
+                self._escalate(up)
+                return
+            if resp is None:
+                if up.eof or up.closed:
+                    self._escalate(up)
+                return
+            req = inline.req
+            framer = response_framer(req.method, resp)
+            if isinstance(framer, NoBody) and resp.status >= 200:
+                length = 0
+            elif isinstance(framer, LengthBody) and framer.remaining <= COALESCE_BYTES:
+                length = framer.remaining
+            else:
+                self._escalate(up)  # 1xx, chunked, close-delimited or large: the task streams it
+                return
+            inline.resp, inline.head_end, inline.length = resp, end, length
+        end, total = inline.head_end, inline.head_end + inline.length
+        if len(buf) < total:
+            if up.eof or up.closed:
+                self._escalate(up)
+            return
+        self._finish_inline(inline, up, resp, up.take(total))
+
+    def _finish_inline(
+        self, inline: _Inline, up: Channel, resp: ResponseHead, data: bytes | bytearray
+    ) -> None:
+        """Answer an inline request: `data` is the backend's whole response (head and body)."""
+        listener = self.listener
+        stats = listener.stats
+        req = inline.req
+        backend = inline.backend
+        assert backend is not None
+        up.on_ready = None
+        self._inline = None
+        self.upstream_channel = None
+        stats.in_flight -= 1
+        now = self.loop.time()
+        backend.on_response(now - self._t0)
+        keep = req.keep_alive and not listener.draining
+        out = self._response_head(resp, inline.rid, keep, req.minor)
+        if inline.length:
+            out += data[inline.head_end :]
+        try:
+            self.write(out)
+        except ConnectionError:
+            keep = False  # the client is gone; its connection_lost ends the task
+        else:
+            stats.bytes_out += len(out)
+            stats.inline_total += 1
+            status = resp.status
+            stats.responses["2xx" if 200 <= status < 300 else _status_class(status)] += 1
+        backend.on_connection_closed()
+        if resp.keep_alive and not up.buf and not up.eof and not up.closed:
+            listener.upstream.release(backend, up, now)
+        else:
+            up.abort()
+        backend.on_bytes(len(inline.out_head), len(data), now)
+        self.idle = True
+        if not keep:
+            self._inline_closing = True
+            self.wake()
+            return
+        self._idle_deadline = deadline = now + listener.config.client_timeout
+        self.move_read_deadline(deadline)
+        if self.buf:
+            self._serve_inline()
+
+    def _escalate(self, up: Channel) -> None:
+        """Hand the inline request to the task, which continues it where the callbacks stopped."""
+        up.on_ready = None
+        self.wake()
+
+    async def _resume(self, inline: _Inline) -> bool:
+        """Serve a request the callbacks started (`_serve_inline`) from the stage they reached."""
+        if inline.framer is None:  # parsed only
+            return await self._exchange(inline.req)
+        assert inline.ctx is not None
+        sent = (inline.up, inline.received_before) if inline.up is not None else None
+        return await self._forward(
+            inline.req, inline.ctx, inline.backend, inline.out_head, b"", inline.framer, inline.rid, sent
+        )
+
+    def _abandon_inline(self) -> None:
+        """The task ends (the client left) with an inline request still at the backend: drop it."""
+        inline, self._inline = self._inline, None
+        if inline is None or inline.up is None or inline.backend is None:
+            return
+        up = inline.up
+        up.on_ready = None
+        up.abort()
+        self.upstream_channel = None
+        self.listener.stats.in_flight -= 1
+        inline.backend.on_connection_closed()
+        inline.backend.on_bytes(len(inline.out_head), up.received - inline.received_before, self.loop.time())
+
     async def _exchange(self, req: RequestHead) -> bool:
         """Serve one request; True when the client connection may carry another one."""
         listener = self.listener
@@ -432,7 +680,6 @@ class HttpConnection(Channel):
                 return False
             initial = self.take(n)
             stats.bytes_in += n
-        keep_ok = req.keep_alive and not listener.draining
         self._t0 = now = self.loop.time()
         ctx = Context(self.client_ip, listener.hash_key(req) if listener.keyed else "", now)
         # --- Per-request hooks go here, before a backend is chosen: the place for sticky sessions and
@@ -458,19 +705,7 @@ class HttpConnection(Channel):
         except Exception:
             log.exception("pool %s: choosing a backend failed", pool.name)
             backend = None
-        if backend is None:
-            stats.no_backend_total += 1
-            keep = keep_ok and framer.done
-            self._send_error(
-                503, f'no healthy backend in pool "{pool.name}"', rid, keep=keep, minor=req.minor
-            )
-            return keep
-        stats.in_flight += 1
-        try:
-            return await self._forward(req, ctx, backend, out_head, initial, framer, rid)
-        finally:
-            stats.in_flight -= 1
-            self.upstream_channel = None
+        return await self._forward(req, ctx, backend, out_head, initial, framer, rid)
 
     async def _choose_queued(self, queue: BackendQueue, ctx: Context) -> Backend | None:
         """pool.choose() under per-backend maxconn: may wait in the pool's queue (counted)."""
@@ -496,43 +731,75 @@ class HttpConnection(Channel):
         self,
         req: RequestHead,
         ctx: Context,
-        backend: Backend,
+        backend: Backend | None,
         out_head: bytes,
         initial: bytes | bytearray,
         framer: BodyFramer,
         rid: bytes,
+        sent: tuple[Channel, int] | None = None,
     ) -> bool:
+        """Forward a request to the chosen backend (503 when there is none) and relay the answer. `sent`:
+        the head already went out on this pooled connection, which had received so many bytes before (an
+        inline request, which counted itself in flight)."""
         listener = self.listener
+        stats = listener.stats
+        if backend is None:
+            stats.no_backend_total += 1
+            keep = req.keep_alive and not listener.draining and framer.done
+            self._send_error(
+                503, f'no healthy backend in pool "{listener.pool.name}"', rid, keep=keep, minor=req.minor
+            )
+            return keep
+        if sent is None:
+            stats.in_flight += 1
         idempotent = req.method in IDEMPOTENT_METHODS
         may_resend = idempotent and framer.done and not initial
         tried: list[Backend] = []
         allow_reuse = True
-        while True:
-            got = await self._connect(ctx, backend, tried, allow_reuse, idempotent)
-            if got is None:
-                listener.stats.backend_errors_total += 1
-                return self._fail(
-                    503,  # as HAProxy: connection retries exhausted -> 503 (502 = bad answer from a server)
-                    f'no healthy backend in pool "{listener.pool.name}" accepted a connection',
-                    req,
-                    rid,
-                    framer.done,
-                )
-            backend, up, reused = got
-            self.upstream_channel = up
-            if self.sticky is not None and listener.sessions is not None:  # [state] hook: mapping follows
-                listener.sessions.rehomed(self, backend)
-            try:
-                return await self._relay(
-                    req, backend, up, reused and may_resend, out_head, initial, framer, rid
-                )
-            except _DeadReused:
-                listener.stats.reconnects_total += 1
-                allow_reuse = False
-            finally:
-                backend.on_connection_closed()
-                if listener.queue is not None:
-                    listener.queue.slot_freed()
+        try:
+            while True:
+                if sent is not None:  # an inline request: the head went out on a pooled connection
+                    got: tuple[Backend, Channel, bool] | None = (backend, sent[0], True)
+                    received_before: int | None = sent[1]
+                    sent = None
+                else:
+                    got = await self._connect(ctx, backend, tried, allow_reuse, idempotent)
+                    received_before = None
+                if got is None:
+                    stats.backend_errors_total += 1
+                    return self._fail(
+                        503,  # as HAProxy: retries exhausted -> 503 (502 = a bad answer from a server)
+                        f'no healthy backend in pool "{listener.pool.name}" accepted a connection',
+                        req,
+                        rid,
+                        framer.done,
+                    )
+                backend, up, reused = got
+                self.upstream_channel = up
+                if self.sticky is not None and listener.sessions is not None:  # [state] hook: mapping follows
+                    listener.sessions.rehomed(self, backend)
+                try:
+                    return await self._relay(
+                        req,
+                        backend,
+                        up,
+                        reused and may_resend,
+                        out_head,
+                        initial,
+                        framer,
+                        rid,
+                        received_before,
+                    )
+                except _DeadReused:
+                    stats.reconnects_total += 1
+                    allow_reuse = False
+                finally:
+                    backend.on_connection_closed()
+                    if listener.queue is not None:
+                        listener.queue.slot_freed()
+        finally:
+            stats.in_flight -= 1
+            self.upstream_channel = None
 
     async def _connect(
         self, ctx: Context, backend: Backend, tried: list[Backend], allow_reuse: bool, idempotent: bool
@@ -583,8 +850,10 @@ class HttpConnection(Channel):
         initial: bytes | bytearray,
         framer: BodyFramer,
         rid: bytes,
+        sent_at: int | None = None,
     ) -> bool:
-        """Send the request on `up` and stream the response back. True = client connection stays open."""
+        """Send the request on `up` and stream the response back. True = client connection stays open.
+        `sent_at`: the head was sent already, when `up` had received so many bytes (an inline request)."""
         listener = self.listener
         stats = listener.stats
         loop = self.loop
@@ -596,11 +865,12 @@ class HttpConnection(Channel):
         pump: asyncio.Task[None] | None = None
         self._pump_sent = 0
         self._pump_done_at = None
-        received_before = up.received
+        received_before = up.received if sent_at is None else sent_at
         t0 = self._t0
         try:
             try:
-                up.write(out_head + initial if initial else out_head)
+                if sent_at is None:
+                    up.write(out_head + initial if initial else out_head)
             except ConnectionError:
                 if may_resend:
                     raise _DeadReused from None

@@ -19,6 +19,7 @@ def _classes() -> dict[str, int]:
 @dataclass
 class HttpListenerStats:
     requests_total: int = 0
+    inline_total: int = 0  # of which answered from the protocol callbacks (no task switch)
     responses: dict[str, int] = field(default_factory=_classes)  # by status class, incl. proxy-made ones
     bad_requests: dict[str, int] = field(default_factory=dict)  # by ProtocolError reason
     client_connections_active: int = 0
@@ -51,6 +52,7 @@ class HttpListenerStats:
         return {
             "mode": "http",
             "requests_total": self.requests_total,
+            "inline_total": self.inline_total,
             "responses": dict(self.responses),
             "bad_requests": dict(self.bad_requests),
             "client_connections_active": self.client_connections_active,
