@@ -640,6 +640,8 @@ class HttpConnection(Channel):
 
     async def _resume(self, inline: _Inline) -> bool:
         """Serve a request the callbacks started (`_serve_inline`) from the stage they reached."""
+        if inline.up is not None:
+            inline.up.on_ready = None  # from now on this task reads the backend connection
         if inline.framer is None:  # parsed only
             return await self._exchange(inline.req)
         assert inline.ctx is not None

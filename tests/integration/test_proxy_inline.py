@@ -251,3 +251,30 @@ def test_connection_close_and_drain_end_the_connection_after_an_inline_answer() 
             busy.close()
 
     run(main)
+
+
+def test_a_client_half_close_during_an_inline_request_still_gets_the_answer() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def slow(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
+            if req.target == "/slow":
+                await gate.wait()
+            return await default_handler(req, reader, writer, conn_no)
+
+        async with backends(slow) as (be,), proxy(make_pool([be.port])) as (server, addr):
+            client = await Client.connect(addr)
+            assert (await client.get("/warm")).status == 200
+            client.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            client.writer.write_eof()  # the task wakes for the FIN and takes the request over
+            await poll(lambda: any(r.target == "/slow" for r in be.requests))
+            await asyncio.sleep(0.05)
+            gate.set()
+            resp = await read_response(client.reader)
+            assert resp.status == 200 and resp.body == b"GET /slow 0"
+            assert await client.at_eof()
+            stats = listener_stats(server)
+            assert stats["in_flight"] == 0 and stats["backend_timeouts_total"] == 0
+            client.close()
+
+    run(main)
