@@ -12,7 +12,8 @@ deadline, expires what is due when it fires and re-arms itself for what is left.
 forward, so a busy keep-alive connection re-arms about once per timeout period, not per request.
 There is one reader waiter and one drain waiter: one coroutine reads a channel at a time, and one writes.
 Code that reads a channel from callbacks instead of a coroutine sets `on_ready`: it is called after each
-arrival of bytes, EOF or the loss of the connection, in place of waking the reader.
+arrival of bytes, EOF or the loss of the connection, in place of waking the reader; with no coroutine
+waiting, a deadline set by `move_read_deadline` calls `on_read_timeout` when it passes (same lazy timer).
 
 `eof` is set when the peer shut down its sending side; `closed` when the connection is gone (`error` holds
 the reason if it was not a clean close). `write()` raises ConnectionResetError on a closed channel.
@@ -58,6 +59,7 @@ class Channel(asyncio.Protocol):
         self._high = high_water
         self._low = low_water
         self.on_ready: Callable[[], None] | None = None  # a callback reader (see the module docstring)
+        self.on_read_timeout: Callable[[], None] | None = None  # its deadline (move_read_deadline) passed
 
     # --- protocol callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -141,9 +143,8 @@ class Channel(asyncio.Protocol):
             self._read_deadline = None
 
     def move_read_deadline(self, deadline: float) -> None:
-        """Give the pending `wait_more` a new deadline (earlier or later)."""
-        if self._waiter is None:
-            return
+        """Give the pending `wait_more` a new deadline (earlier or later); with no `wait_more` pending,
+        `on_read_timeout` is called when it passes."""
         self._read_deadline = deadline
         if self._timer is None or self._timer_at > deadline:
             self._arm(deadline)
@@ -205,6 +206,12 @@ class Channel(asyncio.Protocol):
         if deadline is not None and waiter is not None and not waiter.done():
             if deadline <= now:
                 waiter.set_exception(TimeoutError())
+            else:
+                pending = deadline
+        elif deadline is not None and waiter is None and self.on_read_timeout is not None:
+            if deadline <= now:
+                self._read_deadline = None
+                self.on_read_timeout()
             else:
                 pending = deadline
         deadline, waiter = self._drain_deadline, self._drain_waiter

@@ -304,7 +304,14 @@ class HttpConnection(Channel):
         listener.connections.add(self)
         listener.stats.client_connections_active += 1
         listener.stats.client_connections_total += 1
-        self.task = self.loop.create_task(self._run())
+        if listener.inline_ok:
+            # No task until one is needed: the callbacks serve simple requests alone (_serve_inline); the
+            # channel's timer closes the connection if no request comes within header_timeout.
+            self._parked = True
+            self.on_read_timeout = self._timeout_without_task
+            self.move_read_deadline(self.loop.time() + listener.config.header_timeout)
+        else:
+            self.task = self.loop.create_task(self._run())
 
     def _reject(self, transport: asyncio.BaseTransport, reason: str) -> None:
         """Over a connection limit: answer 503 at once, then close without reading the request."""
@@ -329,12 +336,24 @@ class HttpConnection(Channel):
             return False  # lingering close done: let the transport close
         if self.in_queue and self.task is not None:
             self.task.cancel()  # (HAProxy's abortonclose) the client left while its request was queued
-        return super().eof_received()
+        keep_open = super().eof_received()
+        if self.task is None:
+            self._wake_task()  # the task handles a half-closed client
+        return keep_open
 
     def on_lost(self) -> None:
         # The client is gone: stop whatever the connection's task waits for (a backend, a timer).
         task = self.task
-        if not self.finished and task is not None and not task.done():
+        if task is None:
+            if not self.finished:  # the callbacks were serving alone: clean up what the task would
+                self.finished = True
+                if not self.idle:
+                    self.listener.stats.client_aborts_total += 1
+                if self._inline is not None:
+                    self._abandon_inline()
+                self.listener.connection_done(self)
+            return
+        if not self.finished and not task.done():
             task.cancel()
 
     @property
@@ -345,6 +364,7 @@ class HttpConnection(Channel):
     # --- the connection's task -----------------------------------------------------------------------
     async def _run(self) -> None:
         listener = self.listener
+        self._parked = False  # (started late: the callbacks served alone until now) this task reads now
         try:
             first = True
             while not self.closed:
@@ -422,8 +442,10 @@ class HttpConnection(Channel):
         deadline: float | None = None
         while True:
             # What the callbacks left while this task was parked (see _serve_inline):
-            if self._inline is not None:
-                return self._inline.req  # a request they started and hand over
+            if self._inline is not None:  # a request they started and hand over
+                self.idle = False
+                self._method = self._inline.req.method
+                return self._inline.req
             if self._inline_error is not None:
                 error, self._inline_error = self._inline_error, None
                 raise error  # a bad head they read
@@ -494,14 +516,14 @@ class HttpConnection(Channel):
         listener = self.listener
         config = listener.config
         if buf[0] in (10, 13) or listener.draining:
-            self.wake()
+            self._wake_task()
             return
         try:
             end = find_head_end(buf, config.max_request_line, config.max_header_bytes)
         except ProtocolError:
             end = -1  # the task reads the same and answers it
         if end < 0:
-            self.wake()  # a partial head: the task times its completion (header_timeout)
+            self._wake_task()  # a partial head: the task times its completion (header_timeout)
             return
         data = self.take(end)
         stats = listener.stats
@@ -511,12 +533,12 @@ class HttpConnection(Channel):
             req = parse_request_head(data, config.max_request_line, config.max_header_bytes)
         except ProtocolError as exc:
             self._inline_error = exc
-            self.wake()
+            self._wake_task()
             return
         inline = self._inline = _Inline(req)
         framer = request_framer(req)
         if not framer.done:
-            self.wake()  # a body: the task streams it
+            self._wake_task()  # a body: the task streams it
             return
         stats.requests_total += 1
         self._method = req.method
@@ -532,13 +554,13 @@ class HttpConnection(Channel):
             backend = None
         inline.backend = backend
         if backend is None:
-            self.wake()
+            self._wake_task()
             return
         backend.on_connection_opened()
         up = listener.upstream.acquire(backend, now, idempotent=req.method in IDEMPOTENT_METHODS)
         if up is None:
             backend.on_connection_closed()  # the task connects (and counts the connection again)
-            self.wake()
+            self._wake_task()
             return
         stats.in_flight += 1
         self.upstream_channel = up
@@ -625,18 +647,45 @@ class HttpConnection(Channel):
         backend.on_bytes(len(inline.out_head), len(data), now)
         self.idle = True
         if not keep:
-            self._inline_closing = True
-            self.wake()
+            if self.task is None:
+                self._end_without_task()
+            else:
+                self._inline_closing = True
+                self.wake()
             return
         self._idle_deadline = deadline = now + listener.config.client_timeout
         self.move_read_deadline(deadline)
         if self.buf:
             self._serve_inline()
 
+    def _wake_task(self) -> None:
+        """Hand over to the connection's task: wake it, or start it if the callbacks served alone so far."""
+        if self.task is not None:
+            self.wake()
+        elif not self.finished:
+            self.on_read_timeout = None
+            self._idle_deadline = None
+            self.task = self.loop.create_task(self._run())
+
+    def _timeout_without_task(self) -> None:
+        """The channel's deadline passed while no task exists: a late response (the task answers 504)
+        or an idle connection (closed)."""
+        if self._inline is not None:
+            self._wake_task()
+        else:
+            self._end_without_task()
+
+    def _end_without_task(self) -> None:
+        """Close a connection the callbacks served alone (what the task's `finally` does)."""
+        self.finished = True
+        self.on_read_timeout = None
+        self._close_client()
+        self.listener.connection_done(self)
+
     def _escalate(self, up: Channel) -> None:
         """Hand the inline request to the task, which continues it where the callbacks stopped."""
         up.on_ready = None
-        self.wake()
+        self._wake_task()
 
     async def _resume(self, inline: _Inline) -> bool:
         """Serve a request the callbacks started (`_serve_inline`) from the stage they reached."""

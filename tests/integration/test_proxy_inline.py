@@ -278,3 +278,27 @@ def test_a_client_half_close_during_an_inline_request_still_gets_the_answer() ->
             client.close()
 
     run(main)
+
+
+def test_drain_waits_for_a_request_the_callbacks_handed_over() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def slow(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
+            await gate.wait()
+            return await default_handler(req, reader, writer, conn_no)
+
+        async with backends(slow) as (be,), proxy(make_pool([be.port])) as (server, addr):
+            client = await Client.connect(addr)  # no pooled backend connection yet: handed to the task
+            client.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            await poll(lambda: bool(be.requests))
+            drain = asyncio.ensure_future(server.drain(3.0))
+            await asyncio.sleep(0.05)
+            assert not drain.done()  # the connection is busy, not idle: drain waits for it
+            gate.set()
+            resp = await read_response(client.reader)
+            assert resp.status == 200 and resp.get("connection") == "close"
+            assert await drain is True
+            client.close()
+
+    run(main)
