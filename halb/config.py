@@ -414,6 +414,7 @@ def _track(r: Reader | None) -> TrackConfig:
         weight=r.int("weight", d.weight, lo=0, hi=254),
         listeners=r.bool("listeners", d.listeners),
         pools=r.bool("pools", d.pools),
+        interface=r.bool("interface", d.interface),
     )
     r.done()
     return track

@@ -158,6 +158,7 @@ class TrackConfig:
     weight: int = 50
     listeners: bool = True  # a local TCP connect to each listener must succeed
     pools: bool = True  # every listener's pool must have an available backend
+    interface: bool = True  # the VRRP interface's link must be up (else FAULT, whatever the weight)
 
 
 @dataclass(frozen=True)

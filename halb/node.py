@@ -11,7 +11,8 @@ VRRP (when the config has a `[vrrp]` table): after the workers are ready, the co
 through this file: every backend transition (and every sync tick) re-evaluates "each listener's pool has an
 available backend" as the check `pool:<name>`, and a small loop connects to each listener locally
 (`listener:<name>`, down after 2 failed connects in a row, up after 2 good ones); while any check fails
-the driver advertises `priority - track.weight`.
+the driver advertises `priority - track.weight`. The VRRP interface's link is read every advert interval
+(`interface:<name>`, halb.vrrp.link): while it is down or has no carrier the instance is in FAULT.
 
 Cluster (when the config has a `[cluster]` table, halb.cluster): the Raft member starts right after the
 admin API; the node gives it up to CLUSTER_SYNC_WAIT to catch up, then registers itself and seeds the
@@ -60,6 +61,7 @@ from halb.pools import backend_states, build_pools
 from halb.vrrp.driver import VrrpDriver
 from halb.vrrp.fence import FenceError, NftFence
 from halb.vrrp.lease_gate import LeasedVipPort, LeaseGuard, holddown_for
+from halb.vrrp.link import read_link
 from halb.vrrp.vip import NetlinkVipPort, VipError, VipPort, release_stale
 from halb.workers import WorkerStartError, WorkerSupervisor
 
@@ -70,6 +72,8 @@ LISTENER_CHECK_INTERVAL = 1.0
 LISTENER_CHECK_TIMEOUT = 1.0
 LISTENER_CHECK_RISE = 2
 LISTENER_CHECK_FALL = 2
+# VRRP: the interface's link is read every advert interval, within these bounds (seconds).
+LINK_CHECK_MIN, LINK_CHECK_MAX = 0.1, 1.0
 # [cluster]: at start, wait up to this long for the Raft member to catch up before starting the proxy
 CLUSTER_SYNC_WAIT = 3.0
 
@@ -112,6 +116,8 @@ class Node:
             if self._vip_lease_on():
                 self._init_vip_lease(self.vrrp)
         self._listener_task: asyncio.Task[None] | None = None
+        self._link_task: asyncio.Task[None] | None = None
+        self._link_state: tuple[bool, str] | None = None  # the VRRP interface's link, last read
 
     def _make_agent(self, pool: Pool) -> AgentPoller | None:
         agent = pool.config.agent
@@ -160,6 +166,24 @@ class Node:
                 self.vrrp.set_check(f"listener:{name}", tracker.up)
             await asyncio.sleep(LISTENER_CHECK_INTERVAL)
 
+    async def _check_link(self) -> None:
+        """VRRP: report the interface's link (check `interface:<name>`: FAULT while it is down)."""
+        assert self.vrrp is not None and self.config.vrrp is not None
+        interface = self.config.vrrp.interface
+        up, why = await read_link(interface)
+        if (up, why) != self._link_state:
+            if self._link_state is not None or not up:
+                log.warning("vrrp: interface %s: %s", interface, why)
+            self._link_state = (up, why)
+        self.vrrp.set_check(f"interface:{interface}", up, fault=True)
+
+    async def _link_check_loop(self) -> None:
+        assert self.config.vrrp is not None
+        interval = min(max(self.config.vrrp.advert_interval, LINK_CHECK_MIN), LINK_CHECK_MAX)
+        while True:
+            await asyncio.sleep(interval)
+            await self._check_link()
+
     async def _sync_loop(self) -> None:
         while True:
             self.supervisor.push_states(backend_states(self.pools))
@@ -177,6 +201,8 @@ class Node:
             if stale:
                 log.warning("vrrp: released stale VIPs left on %s: %s", settings.interface, ", ".join(stale))
             self._track_pools()
+            if settings.track.interface:
+                await self._check_link()  # a node whose link is down starts in FAULT
             await self.vrrp.start()
         except FenceError as exc:
             log.error("cannot install the VIP lease fence (nftables): %s", exc)
@@ -188,6 +214,8 @@ class Node:
             self.lease_guard.start()
         if settings.track.listeners and self.config.listeners:
             self._listener_task = asyncio.create_task(self._listener_check_loop(), name="halb-listener-check")
+        if settings.track.interface:
+            self._link_task = asyncio.create_task(self._link_check_loop(), name="halb-link-check")
         return True
 
     # --- life cycle ----------------------------------------------------------------------------------
@@ -238,8 +266,9 @@ class Node:
     async def shutdown(self) -> int:
         if self.vrrp is not None:
             # First: a MASTER resigns (priority-0 advert) and drops its VIPs, so a peer serves at once.
-            if self._listener_task is not None:
-                self._listener_task.cancel()
+            for task in (self._listener_task, self._link_task):
+                if task is not None:
+                    task.cancel()
             try:
                 await self.vrrp.stop()
             except Exception:

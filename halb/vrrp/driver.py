@@ -34,9 +34,9 @@ VIP); ``RemoveVips`` -> stop the GARP schedule, ``VipPort.remove``; ``StateChang
 (``vip_errors``) but do not stop the instance.
 
 **Tracking** (:class:`halb.vrrp.tracking.Tracking`): :meth:`VrrpDriver.set_check` is how the composition
-root reports "pool has a backend" / "listener answers"; the effective priority goes to
-``machine.set_priority`` (``weight = 0``: FAULT, i.e. ``machine.shutdown`` until every check is fine,
-then ``machine.startup``).
+root reports "pool has a backend" / "listener answers" / "the interface's link is up"; the effective
+priority goes to ``machine.set_priority``. FAULT (``weight = 0`` and a check fails, or the link is down)
+is ``machine.shutdown`` until the checks are fine again, then ``machine.startup``.
 
 **Notify hook** (:class:`NotifyRunner`): on every transition the ``notify`` executable runs as
 ``notify INSTANCE <name> <MASTER|BACKUP|FAULT|STOP> <priority>`` -- the arguments keepalived's ``notify``
@@ -517,32 +517,34 @@ class VrrpDriver:
             await asyncio.sleep(0)
 
     # ----------------------------------------------------------------- inputs
-    def set_check(self, check: str, ok: bool) -> None:
-        """Tracking input from the composition root: ``check`` (e.g. "pool:app") is fine or not."""
-        if not self.tracking.set(check, ok):
+    def set_check(self, check: str, ok: bool, *, fault: bool = False) -> None:
+        """Tracking input from the composition root: ``check`` (e.g. "pool:app") is fine or not. With
+        ``fault`` a failing check means FAULT whatever ``track.weight`` (the interface's link)."""
+        was_fault = self.tracking.fault
+        if not self.tracking.set(check, ok, fault=fault):
             return
         failing = ", ".join(self.tracking.failing) or "nothing"
         log.warning(
-            "vrrp %s: tracking: %s (failing: %s); priority %d",
+            "vrrp %s: tracking: %s (failing: %s); %s",
             self.name,
             "can serve" if self.tracking.ok else "cannot serve",
             failing,
-            self.tracking.effective_priority,
+            "FAULT" if self.tracking.fault else f"priority {self.tracking.effective_priority}",
         )
         machine = self._machine
         if machine is None or self._stopped:
             return  # applied at start
         now = self.clock()
-        if self.settings.track.weight == 0:
-            if self.tracking.fault:
+        if self.tracking.fault:
+            if not was_fault:
                 actions = machine.shutdown(now)
                 self._feed(actions, fault=True)
                 if not any(isinstance(a, StateChanged) for a in actions):
                     self._enter_label("FAULT", "tracking", now)
-            else:
-                self._feed(machine.startup(now))
             return
         self._feed(machine.set_priority(now, self.tracking.effective_priority))
+        if was_fault:
+            self._feed(machine.startup(now))
 
     def resign(self, reason: str) -> bool:
         """Leave MASTER now but keep running as BACKUP (priority-0 advert, VIPs removed); see

@@ -12,6 +12,10 @@ The weight must exceed the priority gap: with lb1 at 150 and lb2 at 140, lb1 onl
 ``weight = 0`` a failing check means FAULT instead, as in keepalived: the instance resigns completely
 (priority-0 advert, VIPs dropped) until every check is fine again.
 
+A check reported with ``fault=True`` means FAULT when it fails whatever the weight: the link of the VRRP
+interface (``interface:eth0``, ``halb.vrrp.link``), as keepalived puts an instance whose interface is down
+in FAULT.
+
 Checks nobody has reported yet count as fine.
 """
 
@@ -29,12 +33,15 @@ class Tracking:
         self.base_priority = base_priority
         self.weight = weight
         self._checks: dict[str, bool] = {}
+        self._fault_checks: set[str] = set()  # failing means FAULT, whatever the weight
 
-    def set(self, check: str, ok: bool) -> bool:
-        """Record one check's state; True when "can serve" (and so the priority or fault) changed."""
-        before = self.ok
+    def set(self, check: str, ok: bool, *, fault: bool = False) -> bool:
+        """Record one check's state; True when "can serve" or FAULT (and so the priority) changed."""
+        before = (self.ok, self.fault)
         self._checks[check] = ok
-        return self.ok != before
+        if fault:
+            self._fault_checks.add(check)
+        return (self.ok, self.fault) != before
 
     @property
     def ok(self) -> bool:
@@ -50,8 +57,10 @@ class Tracking:
 
     @property
     def fault(self) -> bool:
-        """weight 0 and something fails: keepalived's FAULT state."""
-        return self.weight == 0 and not self.ok
+        """keepalived's FAULT state: weight 0 and something fails, or a fault check fails."""
+        if self.weight == 0:
+            return not self.ok
+        return any(not self._checks[check] for check in self._fault_checks)
 
     @property
     def effective_priority(self) -> int:

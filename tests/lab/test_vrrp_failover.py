@@ -246,6 +246,43 @@ def _ip(payload: bytes, ttl: int = 255) -> bytes:
     return header + payload
 
 
+def test_the_masters_link_going_down_means_fault_and_lb2_takes_over(lab: Lab) -> None:
+    """keepalived's implicit interface tracking: lb1's switch port goes down (its eth0 loses the carrier),
+    lb1 enters FAULT and drops the VIP, lb2 takes over; the port back up, lb1 is BACKUP and preempts."""
+    topo = control.lab_state(lab.prefix).topology
+    switch, port = topo.switch_namespace, topo.host("lb1").port
+
+    def set_port(state: str) -> None:
+        subprocess.run(["ip", "-n", switch, "link", "set", port, state], check=True)
+
+    def lb1_seen_from_inside() -> dict[str, Any]:  # its eth0 is cut off: ask from its own namespace
+        code, body = in_netns(lab.ns("lb1"), http_get, LB1, 9901, "/status", 2.0)
+        assert code == 200
+        return dict(json.loads(body)["vrrp"]["instances"][0])
+
+    assert holders(lab) == ["lb1"]
+    started = time.monotonic()
+    set_port("down")
+    try:
+        wait_for(lambda: holders(lab) == ["lb2"], timeout=10, what="lb2 (alone) to hold the VIP")
+        took = time.monotonic() - started
+        one = lb1_seen_from_inside()
+        assert one["state"] == "FAULT" and "interface:eth0" in one["tracking"]["failing"]
+        assert vrrp(lab, LB2)["state"] == "MASTER"
+        wait_for(lambda: answers_through_vip(lab), timeout=5, what="an answer through the VIP (from lb2)")
+        started = time.monotonic()
+    finally:
+        set_port("up")
+    wait_for(lambda: lb1_is_master_again(lab), timeout=10, what="lb1 to preempt once its link is back")
+    back = time.monotonic() - started
+    assert vrrp(lab, LB1)["tracking"]["failing"] == []
+    report(
+        "vrrp",
+        f"lb1's link down (no carrier) -> lb1 FAULT, lb2 holds the VIP: {took:.3f}s; "
+        f"link up -> lb1 holds the VIP again: {back:.3f}s",
+    )
+
+
 def test_malformed_vrrp_packets_are_counted_and_the_master_keeps_the_vip(lab: Lab) -> None:
     before = {lb: vrrp(lab, address) for lb, address in (("lb1", LB1), ("lb2", LB2))}
     # each would win the election at priority 254 if it were accepted

@@ -67,7 +67,7 @@ def test_minimal_table_gets_keepalived_like_defaults(tmp_path: Path) -> None:
     assert vrrp.primary_ip is None
     assert vrrp.checksum_mode == "pseudo_header"
     assert vrrp.garp == GarpConfig(repeat=5, interval=0.2, refresh=0.0)
-    assert vrrp.track == TrackConfig(weight=50, listeners=True, pools=True)
+    assert vrrp.track == TrackConfig(weight=50, listeners=True, pools=True, interface=True)
     assert vrrp.notify is None
     assert vrrp.instance_name == "VI_51"
 
@@ -92,7 +92,7 @@ def test_every_key(tmp_path: Path) -> None:
             primary_ip = "192.168.56.11"
             checksum_mode = "rfc9568"
             garp = {{ repeat = 3, interval = 0.5, refresh = 60 }}
-            track = {{ weight = 20, listeners = false, pools = true }}
+            track = {{ weight = 20, listeners = false, pools = true, interface = false }}
             notify = "{script}"
             """,
         )
@@ -105,7 +105,7 @@ def test_every_key(tmp_path: Path) -> None:
     assert vrrp.primary_ip == "192.168.56.11"
     assert vrrp.checksum_mode == "rfc9568"
     assert vrrp.garp == GarpConfig(repeat=3, interval=0.5, refresh=60.0)
-    assert vrrp.track == TrackConfig(weight=20, listeners=False, pools=True)
+    assert vrrp.track == TrackConfig(weight=20, listeners=False, pools=True, interface=False)
     assert vrrp.notify == str(script)
 
 

@@ -17,6 +17,7 @@ from halb.config_model import GarpConfig, TrackConfig
 from halb.status_view import render_vrrp
 from halb.vrrp.codec import Advert, encode
 from halb.vrrp.driver import RX_ERROR_REASONS, NotifyRunner
+from halb.vrrp.link import IFF_RUNNING, IFF_UP, link_up
 from halb.vrrp.tracking import Tracking
 from halb.vrrp.vip import FakeVipPort, NetlinkVipPort, VipError, build_garp_frames, release_stale
 from tests.unit.vrrp_fakes import (
@@ -276,6 +277,51 @@ def test_weight_zero_means_fault_and_back() -> None:
         assert d.state == "STOP"
 
     run(go)
+
+
+def test_a_link_down_means_fault_whatever_the_weight_and_back_as_backup() -> None:
+    async def go() -> None:
+        rig = Rig(track=TrackConfig(weight=50))
+        await rig.master()
+        d = rig.driver
+        d.set_check("pool:app", False)  # a weighted check: priority 100, still MASTER
+        await d.settle()
+        assert d.state == "MASTER" and rig.transport.adverts()[-1][0].priority == 100
+        d.set_check("interface:eth0", False, fault=True)
+        await d.settle()
+        assert d.state == "FAULT"
+        assert rig.transport.adverts()[-1][0].priority == 0  # resigned: the peer takes over at once
+        assert d.vips_held() == []
+        assert d.snapshot()["tracking"]["failing"] == ["interface:eth0", "pool:app"]
+        await rig.receive(advert_from(PEER, 100))  # ignored while FAULT
+        assert d.state == "FAULT"
+        d.set_check("interface:eth0", True, fault=True)  # back, but the pool still fails
+        await d.settle()
+        assert d.state == "BACKUP"
+        machine = d.machine
+        assert machine is not None and machine.priority == 100  # starts again with the weighted priority
+        d.set_check("pool:app", True)
+        await d.settle()
+        assert machine.priority == 150
+        await d.stop()
+
+    run(go)
+
+
+def test_tracking_fault_checks() -> None:
+    t = Tracking(150, 50)
+    assert t.set("pool:app", False) and not t.fault and t.effective_priority == 100
+    assert t.set("interface:eth0", False, fault=True) and t.fault
+    assert not t.set("interface:eth0", False, fault=True)  # nothing changed
+    assert t.set("interface:eth0", True, fault=True) and not t.fault and t.effective_priority == 100
+    zero = Tracking(150, 0)
+    assert zero.set("pool:app", False) and zero.fault  # weight 0: any failing check is FAULT
+
+
+def test_link_up_needs_up_and_carrier() -> None:
+    assert link_up(IFF_UP | IFF_RUNNING | 0x1000) == (True, "up")
+    assert link_up(0x1002) == (False, "link set down")
+    assert link_up(IFF_UP | 0x1002) == (False, "no carrier")
 
 
 def test_a_failing_vip_port_is_counted_and_the_instance_carries_on() -> None:
