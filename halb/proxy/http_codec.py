@@ -42,7 +42,9 @@ _TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQR
 _RE_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _RE_VCHAR = rb"[\x21-\x7e\x80-\xff]"
 _RE_VALUE_CHAR = rb"[\t \x21-\x7e\x80-\xff]"
-_FIELDS_BLOCK = re.compile(rb"(?:" + _RE_TCHAR + rb"+:" + _RE_VALUE_CHAR + rb"*\r\n)*")
+_FIELDS_BLOCK = re.compile(
+    rb"(?:" + _RE_TCHAR + rb"++:" + _RE_VALUE_CHAR + rb"*+\r\n)*+"
+)  # possessive: no backtracking
 # One field of a validated block: name, value without leading whitespace (fast; trailing whitespace is
 # rare and then _FIELD strips it too).
 _FIELD_FAST = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")
@@ -109,14 +111,9 @@ _REQUEST_LINE = re.compile(rb"(" + _RE_TCHAR + rb"+) ([\x21-\x7e]+) (HTTP/[0-9]\
 _RESPONSE_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?\r\n")
 
 
-def _specials(regex: re.Pattern[bytes], raw: bytes, start: int) -> list[Special]:
-    # `start` is the index of the CRLF that ends the first line: every field line follows a CRLF.
-    out = []
-    for m in regex.finditer(raw, start):
-        name, value = m.groups()
-        line_start, line_end = m.span()
-        out.append((name.lower(), value.strip(b" \t"), line_start + 2, line_end + 2))
-    return out
+# The parsers scan for these from the CRLF that ends the first line (every field line follows a CRLF) and
+# keep each match as `Special`; the scan is written out in each parser (a helper call per head costs).
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class RequestHead:
@@ -403,14 +400,20 @@ def parse_request_head(
         ):
             raise _bad("invalid request target form", "bad_request_line")
 
-    special = _specials(_REQUEST_SPECIAL, raw, fields_start - 2)
+    special: list[Special] = []  # the fields the proxy acts on, found by one regex scan
     content_length: int | None = None
     te_count = 0
     hosts = 0
-    connection: frozenset[bytes] = frozenset()
+    tokens: list[bytes] = []
     upgrade: bytes | None = None
     expect_continue = False
-    for lname, value, line_start, _ in special:
+    for match in _REQUEST_SPECIAL.finditer(raw, fields_start - 2):
+        name, value = match.groups()
+        lname = name.lower()
+        value = value.strip(b" \t")
+        line_start, line_end = match.span()
+        line_start += 2
+        special.append((lname, value, line_start, line_end + 2))
         if lname == _HOST:
             hosts += 1
         elif lname == _CONTENT_LENGTH:
@@ -422,7 +425,7 @@ def parse_request_head(
             if rawvalue.lower() not in (b"chunked", b" chunked"):
                 raise _bad("unsupported or obfuscated Transfer-Encoding", "smuggling")
         elif lname == _CONNECTION:
-            connection = connection.union(_tokens(value))
+            tokens += _tokens(value)
         elif lname == _EXPECT:
             expect_continue = value.lower() == b"100-continue"
         elif lname == _UPGRADE:
@@ -436,6 +439,7 @@ def parse_request_head(
             raise _bad("Transfer-Encoding in an HTTP/1.0 request", "smuggling")
     if hosts != 1 and (hosts > 1 or minor == 1):
         raise _bad("an HTTP/1.1 request needs exactly one Host header", "bad_host")
+    connection = frozenset(tokens) if tokens else _NO_TOKENS
     if minor == 1:
         keep_alive = b"close" not in connection
     else:
@@ -497,11 +501,16 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
     if not 100 <= status <= 599:
         raise _bad("invalid response status", "bad_response", 502)
     fields_start = m.end()
-    special = _specials(_RESPONSE_SPECIAL, raw, fields_start - 2)
+    special: list[Special] = []  # the fields the proxy acts on, found by one regex scan
     content_length: int | None = None
     codings: list[bytes] = []
-    connection: frozenset[bytes] = frozenset()
-    for lname, value, _, _ in special:
+    tokens: list[bytes] = []
+    for match in _RESPONSE_SPECIAL.finditer(raw, fields_start - 2):
+        name, value = match.groups()
+        lname = name.lower()
+        value = value.strip(b" \t")
+        line_start, line_end = match.span()
+        special.append((lname, value, line_start + 2, line_end + 2))
         if lname == _CONTENT_LENGTH:
             content_length = _content_length(value, content_length, 502)
         elif lname == _TRANSFER_ENCODING:
@@ -509,7 +518,8 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
             if not codings:
                 raise _bad("empty Transfer-Encoding", "bad_response", 502)
         elif lname == _CONNECTION:
-            connection = connection.union(_tokens(value))
+            tokens += _tokens(value)
+    connection = frozenset(tokens) if tokens else _NO_TOKENS
     if minor == 1:
         keep_alive = b"close" not in connection
     else:

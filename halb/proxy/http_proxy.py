@@ -53,7 +53,6 @@ from halb.proxy.http_codec import (
     MAX_RESPONSE_HEAD,
     MAX_RESPONSE_LINE,
     BodyFramer,
-    LengthBody,
     NoBody,
     RequestHead,
     ResponseHead,
@@ -518,13 +517,11 @@ class HttpConnection(Channel):
         if buf[0] in (10, 13) or listener.draining:
             self._wake_task()
             return
-        try:
-            end = find_head_end(buf, config.max_request_line, config.max_header_bytes)
-        except ProtocolError:
-            end = -1  # the task reads the same and answers it
+        end = buf.find(b"\r\n\r\n")  # (bare-LF or oversized heads fail the strict parse, or the task's)
         if end < 0:
             self._wake_task()  # a partial head: the task times its completion (header_timeout)
             return
+        end += 4
         data = self.take(end)
         stats = listener.stats
         stats.bytes_in += end
@@ -536,10 +533,10 @@ class HttpConnection(Channel):
             self._wake_task()
             return
         inline = self._inline = _Inline(req)
-        framer = request_framer(req)
-        if not framer.done:
+        if req.chunked or req.content_length:
             self._wake_task()  # a body: the task streams it
             return
+        framer = NoBody()
         stats.requests_total += 1
         self._method = req.method
         inline.rid, inline.out_head = self._request_head(req)
@@ -583,25 +580,31 @@ class HttpConnection(Channel):
         buf = up.buf
         resp = inline.resp
         if resp is None:
+            end = buf.find(b"\r\n\r\n")  # (a bare-LF head fails the strict parse: the task explains)
+            if end < 0:
+                if up.eof or up.closed or len(buf) > MAX_RESPONSE_HEAD:
+                    self._escalate(up)
+                return
+            end += 4
+            if end > MAX_RESPONSE_HEAD:
+                self._escalate(up)
+                return
             try:
-                end = find_head_end(buf, MAX_RESPONSE_LINE, MAX_RESPONSE_HEAD, status=(502, 502))
-                if end > 0:
-                    resp = parse_response_head(bytes(buf[:end]))
+                resp = parse_response_head(bytes(buf[:end]))
             except ProtocolError:
                 self._escalate(up)
                 return
-            if resp is None:
-                if up.eof or up.closed:
-                    self._escalate(up)
+            # response_framer's rules, for the shapes answered here; the rest is streamed by the task
+            status = resp.status
+            if status < 200 or resp.chunked or resp.te_other:
+                self._escalate(up)  # 1xx (or 101), chunked or close-delimited
                 return
-            req = inline.req
-            framer = response_framer(req.method, resp)
-            if isinstance(framer, NoBody) and resp.status >= 200:
+            if inline.req.method == b"HEAD" or status == 204 or status == 304:
                 length = 0
-            elif isinstance(framer, LengthBody) and framer.remaining <= COALESCE_BYTES:
-                length = framer.remaining
+            elif resp.content_length is not None and resp.content_length <= COALESCE_BYTES:
+                length = resp.content_length
             else:
-                self._escalate(up)  # 1xx, chunked, close-delimited or large: the task streams it
+                self._escalate(up)  # large, or delimited by the close
                 return
             inline.resp, inline.head_end, inline.length = resp, end, length
         end, total = inline.head_end, inline.head_end + inline.length
