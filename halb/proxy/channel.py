@@ -68,7 +68,12 @@ class Channel(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
-        self.append(data)
+        buf = self.buf  # (append(), written out: this runs for every read)
+        buf += data
+        self.received += len(data)
+        if len(buf) >= self._high and not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
         if self.on_ready is not None:
             self.on_ready()
             return

@@ -324,7 +324,12 @@ class HttpConnection(Channel):
         if self._discarding:
             return
         if self._parked and self.listener.inline_ok:
-            self.append(data)
+            buf = self.buf  # (Channel.append(), written out: this runs for every read)
+            buf += data
+            self.received += len(data)
+            if len(buf) >= self._high and not self._read_paused and self.transport is not None:
+                self._read_paused = True
+                self.transport.pause_reading()
             if self._inline is None:
                 self._serve_inline()
             return
@@ -633,11 +638,11 @@ class HttpConnection(Channel):
         out = self._response_head(resp, inline.rid, keep, req.minor)
         if inline.length:
             out += data[inline.head_end :]
-        try:
-            self.write(out)
-        except ConnectionError:
-            keep = False  # the client is gone; its connection_lost ends the task
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            keep = False  # the client is gone; its connection_lost ends the connection
         else:
+            transport.write(out)
             stats.bytes_out += len(out)
             stats.inline_total += 1
             status = resp.status
