@@ -36,3 +36,27 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
     for line in text.splitlines():
         if line.startswith("| HTTP") or line.startswith("| TCP"):
             report("bench --quick (smoke run, 1 s per cell: not a measurement)", line)
+
+
+def test_ab_harness_compares_two_trees() -> None:
+    """`bench/ab.py` runs each tree from its own checkout: here the same checkout twice, one round."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "ab.py"),
+            str(ROOT),
+            str(ROOT),
+            "--rounds",
+            "1",
+            "--duration",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if "req/s (median)" in line]
+    assert len(rows) == 2 and all(str(ROOT) in row for row in rows), done.stdout
+    assert all(float(row.split()[0].replace(",", "")) > 0 for row in rows), done.stdout
