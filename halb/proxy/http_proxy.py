@@ -38,8 +38,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from halb.backend import Backend
 from halb.balancing.base import Context
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     from halb.proxy.sessions_hook import ListenerHook, RequestSticky
 
 log = logging.getLogger("halb.proxy.http")
+T = TypeVar("T")
 
 REASONS = {
     400: b"Bad Request",
@@ -753,10 +755,12 @@ class HttpConnection(Channel):
         try:
             if self.sticky is not None:  # [state] hook: the session's backend replaces the policy's choice
                 backend: Backend | None = self.sticky.backend
+                if backend is not None and queue is not None:
+                    await self._queued(queue, queue.acquire(backend))  # its maxconn: its own queue
             elif queue is None:
                 backend = pool.choose(ctx)
             else:
-                backend = await self._choose_queued(queue, ctx)
+                backend = await self._queued(queue, queue.choose(ctx))
         except (QueueFull, QueueTimeout) as exc:
             full = isinstance(exc, QueueFull)
             message = "all backends are busy and the queue is full" if full else "queue timeout"
@@ -766,14 +770,15 @@ class HttpConnection(Channel):
             backend = None
         return await self._forward(req, ctx, backend, out_head, initial, framer, rid)
 
-    async def _choose_queued(self, queue: BackendQueue, ctx: Context) -> Backend | None:
-        """pool.choose() under per-backend maxconn: may wait in the pool's queue (counted)."""
+    async def _queued(self, queue: BackendQueue, wait: Awaitable[T]) -> T:
+        """A backend slot under per-backend maxconn (`queue.choose` or `queue.acquire`): may wait in a
+        queue (counted)."""
         stats = self.listener.stats
         before = queue.queued_total
         stats.queued += 1
         self.in_queue = True
         try:
-            return await queue.choose(ctx)
+            return await wait
         except QueueFull:
             stats.queue_full_total += 1
             raise
@@ -855,7 +860,7 @@ class HttpConnection(Channel):
                 finally:
                     backend.on_connection_closed()
                     if listener.queue is not None:
-                        listener.queue.slot_freed()
+                        listener.queue.slot_freed(backend)
         finally:
             stats.in_flight -= 1
             self.upstream_channel = None
@@ -879,7 +884,7 @@ class HttpConnection(Channel):
                 backend.on_connection_closed()
                 queue = listener.queue
                 if queue is not None:
-                    queue.slot_freed()
+                    queue.slot_freed(backend)
                 log.debug("connect to %s (%s) failed: %r", backend.name, backend.address, exc)
                 pool.report_connect_failure(backend)
                 listener.stats.connect_failures_total += 1
@@ -895,7 +900,7 @@ class HttpConnection(Channel):
             except BaseException:
                 backend.on_connection_closed()
                 if listener.queue is not None:
-                    listener.queue.slot_freed()
+                    listener.queue.slot_freed(backend)
                 raise
             return backend, up, False
 

@@ -19,6 +19,11 @@ How this works:
   that moment queues behind it instead of stealing the slot, so the queue is served in order. A pool
   without any `maxconn` has no `BackendQueue` at all (`make_backend_queue` returns None).
 
+  A request that must go to one particular backend (a sticky session's) calls `acquire(backend)`
+  instead: it proceeds when that backend has a free slot, else it waits in the backend's own queue
+  (HAProxy's server queue; same `maxqueue`, counting every waiter, and `queue_timeout`). A freed slot
+  goes to the backend's own queue first (`slot_freed(backend)`), then to the pool's queue.
+
 Limits are per worker process: with `node.workers = N` each worker enforces ceil(limit / N) (the kernel
 spreads connections over the workers with SO_REUSEPORT), which is exact for N = 1.
 """
@@ -113,6 +118,7 @@ class BackendQueue:
         self.workers = workers
         self.loop = loop or asyncio.get_running_loop()
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._backend_waiters: dict[Backend, deque[asyncio.Future[None]]] = {}  # each backend's own queue
         self._handoff = 0  # slots handed to woken waiters that have not taken them yet
         self._config = None  # the PoolConfig the per-backend limits were computed from
         self._limits: dict[str, int] = {}
@@ -139,9 +145,13 @@ class BackendQueue:
                 out.append(b)
         return out
 
+    def has_slot(self, backend: Backend) -> bool:
+        limit = self._refresh().get(backend.name, 0)
+        return not limit or backend.active_connections < limit
+
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self._waiters) + sum(len(q) for q in self._backend_waiters.values())
 
     # --- choosing ------------------------------------------------------------------------------------------
     def choose_now(self, ctx: Context, exclude: Collection[Backend] = ()) -> Backend | None:
@@ -167,34 +177,13 @@ class BackendQueue:
         if not any(b.available for b in self.pool.backends):
             return self.pool.choose(ctx)  # None, and counted as "no backend" by the pool
         maxqueue = share(self.pool.config.maxqueue, self.workers)
-        if len(self._waiters) >= maxqueue:
+        if self.waiting >= maxqueue:
             raise QueueFull
         self.queued_total += 1
         deadline = self.loop.time() + self.pool.config.effective_queue_timeout
         first = True
         while True:
-            fut = self.loop.create_future()
-            if first:
-                self._waiters.append(fut)
-            else:
-                self._waiters.appendleft(fut)  # woken but the slot was gone: keep its place
-            timer = self.loop.call_at(deadline, _expire, fut)
-            woken = False
-            try:
-                await fut
-                woken = True
-            except TimeoutError:
-                raise QueueTimeout from None
-            finally:
-                timer.cancel()
-                if woken:
-                    self._handoff -= 1
-                else:
-                    try:
-                        self._waiters.remove(fut)
-                    except ValueError:  # it was woken (handed a slot) and then cancelled: pass it on
-                        self._handoff -= 1
-                        self.slot_freed()
+            await self._wait_turn(self._waiters, deadline, first, None)
             backend = self.choose_now(ctx)
             if backend is not None:
                 if self._waiters and self._free_slots() > 0:
@@ -203,6 +192,54 @@ class BackendQueue:
             if not any(b.available for b in self.pool.backends):
                 return self.pool.choose(ctx)
             first = False
+
+    async def acquire(self, backend: Backend) -> None:
+        """A slot on this very backend (a sticky session's): at once when it has a free one and nobody
+        waits for it, else after waiting in the backend's own queue. Raises QueueFull or QueueTimeout."""
+        if not self._backend_waiters.get(backend) and self.has_slot(backend):
+            return
+        if self.waiting >= share(self.pool.config.maxqueue, self.workers):
+            raise QueueFull
+        self.queued_total += 1
+        deadline = self.loop.time() + self.pool.config.effective_queue_timeout
+        first = True
+        while True:
+            waiters = self._backend_waiters.setdefault(backend, deque())
+            try:
+                await self._wait_turn(waiters, deadline, first, backend)
+            finally:
+                if not waiters and self._backend_waiters.get(backend) is waiters:
+                    del self._backend_waiters[backend]
+            if self.has_slot(backend):
+                return
+            first = False
+
+    async def _wait_turn(
+        self, waiters: deque[asyncio.Future[None]], deadline: float, first: bool, backend: Backend | None
+    ) -> None:
+        """Wait in `waiters` until `slot_freed` hands this waiter a slot; QueueTimeout at `deadline`."""
+        fut = self.loop.create_future()
+        if first:
+            waiters.append(fut)
+        else:
+            waiters.appendleft(fut)  # woken but the slot was taken meanwhile: keep its place
+        timer = self.loop.call_at(deadline, _expire, fut)
+        woken = False
+        try:
+            await fut
+            woken = True
+        except TimeoutError:
+            raise QueueTimeout from None
+        finally:
+            timer.cancel()
+            if woken:
+                self._handoff -= 1
+            else:
+                try:
+                    waiters.remove(fut)
+                except ValueError:  # it was woken (handed a slot) and then cancelled: pass it on
+                    self._handoff -= 1
+                    self.slot_freed(backend)
 
     def _free_slots(self) -> int:
         limits = self._refresh()
@@ -216,8 +253,16 @@ class BackendQueue:
             free += max(0, limit - b.active_connections)
         return free
 
-    def slot_freed(self) -> None:
-        """A request/connection to a backend ended: hand the slot to the first waiter, if any."""
+    def slot_freed(self, backend: Backend | None = None) -> None:
+        """A request/connection to `backend` ended: hand the slot to the first waiter of that backend's own
+        queue, else to the first waiter of the pool's queue, if any."""
+        own = self._backend_waiters.get(backend) if backend is not None else None
+        while own:
+            fut = own.popleft()
+            if not fut.done():
+                self._handoff += 1
+                fut.set_result(None)
+                return
         waiters = self._waiters
         while waiters:
             fut = waiters.popleft()

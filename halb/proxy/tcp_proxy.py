@@ -322,7 +322,7 @@ class TcpSession(asyncio.Protocol):
         backend.on_connection_closed()
         queue = self.listener.queue
         if queue is not None:
-            queue.slot_freed()
+            queue.slot_freed(backend)
 
     def finish(self, abort: bool = False) -> None:
         """End the session: close both connections (flushing, or aborting on errors), report stats."""

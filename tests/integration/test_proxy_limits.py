@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from halb.balancing.base import Context
 from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig
 from halb.pool import Pool
+from halb.proxy.limits import BackendQueue, QueueFull
 from halb.proxy.server import ProxyServer
 from tests.integration.test_proxy_http import (  # (event_loop_kind: every test on asyncio and uvloop)
     Client,
@@ -279,5 +281,41 @@ def test_tcp_backend_maxconn_holds_the_next_connection_until_a_slot_frees() -> N
                 assert await first.at_eof()
                 assert await second.reader.readexactly(3) == b"two"
                 assert lstats(server)["queued_total"] == 1
+
+    run(main)
+
+
+def test_a_backends_own_queue_is_served_before_the_pools_and_a_leaver_frees_its_place() -> None:
+    """`BackendQueue.acquire` (a sticky session's request for one backend) against `choose` (any backend),
+    on the queue alone: a slot freed on b0 goes to b0's own waiter first, even though a pool waiter came
+    earlier; a waiter cancelled after being handed a slot passes it on; maxqueue counts both queues."""
+
+    async def main() -> None:
+        pool = pool_of([1, 2], maxconn=1, maxqueue=3, queue_timeout=5.0)
+        queue = BackendQueue(pool)
+        b0, b1 = pool.backends
+        for b in (b0, b1):
+            b.on_connection_opened()  # both backends busy
+        ctx = Context("192.0.2.1", "", 0.0)
+        general = asyncio.ensure_future(queue.choose(ctx))
+        await asyncio.sleep(0)
+        own = asyncio.ensure_future(queue.acquire(b0))
+        leaver = asyncio.ensure_future(queue.acquire(b0))
+        await asyncio.sleep(0)
+        assert queue.waiting == 3
+        with pytest.raises(QueueFull):
+            await queue.acquire(b1)
+        b0.on_connection_closed()
+        queue.slot_freed(b0)  # b0's own queue first, although the pool waiter came first
+        await asyncio.wait_for(own, 1)
+        assert not general.done() and not leaver.done()
+        b0.on_connection_opened()  # `own` takes its slot
+        leaver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leaver
+        b1.on_connection_closed()
+        queue.slot_freed(b1)  # nobody waits for b1 itself: the pool's waiter gets it
+        assert await asyncio.wait_for(general, 1) is b1
+        assert queue.waiting == 0
 
     run(main)

@@ -112,6 +112,7 @@ async def rig(
     listener_rules: list[str] | None = None,
     backends: int = 3,
     algorithm: str = "round_robin",
+    pool_extra: dict[str, Any] | None = None,
 ) -> AsyncIterator[Rig]:
     demo = {f"web{i}": DemoBackend(f"web{i}", "127.0.0.1", 0) for i in range(1, backends + 1)}
     for b in demo.values():
@@ -133,6 +134,7 @@ async def rig(
     }
     if sticky is not None:
         doc["pools"]["app"]["sticky"] = sticky
+    doc["pools"]["app"].update(pool_extra or {})
     if ratelimits:
         doc["ratelimits"] = ratelimits
         doc["listeners"][0]["ratelimits"] = listener_rules or list(ratelimits)
@@ -160,6 +162,37 @@ def run(coro: Any) -> None:
 
 
 # --- sticky: cookie mode ---------------------------------------------------------------------------------
+def test_a_sticky_session_waits_in_its_own_backends_queue_under_maxconn() -> None:
+    """HAProxy's server queue: with `maxconn = 1` a session's second concurrent request waits for its own
+    backend's slot instead of going to an idle backend, and gets 503 after `queue_timeout`."""
+
+    async def main() -> None:
+        extra = {"maxconn": 1, "queue_timeout": 1.0}
+        async with rig(sticky={"mode": "cookie"}, pool_extra=extra) as r:
+            first = await r.get()
+            home, cookie = first.backend, f"HALBSID={first.cookie}"
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            replies = await asyncio.gather(*(r.get("/slow?ms=300", Cookie=cookie) for _ in range(2)))
+            took = loop.time() - started
+            assert [x.status for x in replies] == [200, 200]
+            assert [x.backend for x in replies] == [home, home]  # not moved to an idle backend
+            assert took >= 0.55  # one after the other: the backend never had two at once
+            stats = r.server.stats()["listeners"]["web"]  # type: ignore[index]
+            assert stats["queued_total"] == 1 and stats["queue_timeouts_total"] == 0
+            # a request that would wait longer than queue_timeout: 503, and the session stays home
+            slow = asyncio.ensure_future(r.get("/slow?ms=1500", Cookie=cookie))
+            await asyncio.sleep(0.1)
+            late = await r.get("/", Cookie=cookie)
+            assert late.status == 503 and "queue timeout" in late.body
+            assert (await slow).backend == home
+            assert (await r.get("/", Cookie=cookie)).backend == home
+            queue = r.server.stats()["listeners"]["web"]  # type: ignore[index]
+            assert queue["queue_timeouts_total"] == 1 and queue["queued"] == 0
+
+    run(main())
+
+
 def test_cookie_sessions_stick_and_new_ones_follow_the_policy() -> None:
     async def main() -> None:
         async with rig(sticky={"mode": "cookie"}) as r:
