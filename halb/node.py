@@ -117,7 +117,7 @@ class Node:
                 self._init_vip_lease(self.vrrp)
         self._listener_task: asyncio.Task[None] | None = None
         self._link_task: asyncio.Task[None] | None = None
-        self._link_state: tuple[bool, str] | None = None  # the VRRP interface's link, last read
+        self._link_state: tuple[bool | None, str] | None = None  # the VRRP interface's link, last read
 
     def _make_agent(self, pool: Pool) -> AgentPoller | None:
         agent = pool.config.agent
@@ -175,7 +175,8 @@ class Node:
             if self._link_state is not None or not up:
                 log.warning("vrrp: interface %s: %s", interface, why)
             self._link_state = (up, why)
-        self.vrrp.set_check(f"interface:{interface}", up, fault=True)
+        if up is not None:  # (None: netlink did not answer; the last state stands)
+            self.vrrp.set_check(f"interface:{interface}", up, fault=True)
 
     async def _link_check_loop(self) -> None:
         assert self.config.vrrp is not None

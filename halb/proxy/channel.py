@@ -68,7 +68,7 @@ class Channel(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf  # (append(), written out: this runs for every read)
+        buf = self.buf
         buf += data
         self.received += len(data)
         if len(buf) >= self._high and not self._read_paused and self.transport is not None:
@@ -80,14 +80,6 @@ class Channel(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def append(self, data: bytes) -> None:
-        """Buffer received bytes (pausing the socket above the high-water mark); wakes nobody."""
-        self.buf += data
-        self.received += len(data)
-        if not self._read_paused and len(self.buf) >= self._high and self.transport is not None:
-            self._read_paused = True
-            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True

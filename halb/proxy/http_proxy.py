@@ -326,7 +326,7 @@ class HttpConnection(Channel):
         if self._discarding:
             return
         if self._parked and self.listener.inline_ok:
-            buf = self.buf  # (Channel.append(), written out: this runs for every read)
+            buf = self.buf  # (as Channel.data_received, without waking the parked task)
             buf += data
             self.received += len(data)
             if len(buf) >= self._high and not self._read_paused and self.transport is not None:

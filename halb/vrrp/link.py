@@ -37,8 +37,9 @@ def _default_iproute() -> Any:
     return AsyncIPRoute(groups=0)
 
 
-async def read_link(interface: str, iproute: Callable[[], Any] = _default_iproute) -> tuple[bool, str]:
-    """Whether ``interface`` is up (see :func:`link_up`) and why not; netlink errors count as down."""
+async def read_link(interface: str, iproute: Callable[[], Any] = _default_iproute) -> tuple[bool | None, str]:
+    """Whether ``interface`` is up (see :func:`link_up`) and why not. None when netlink could not be
+    asked (the caller keeps the last state: one failed read is no reason to fail over)."""
     ipr = iproute()
     try:
         links = await ipr.link("get", ifname=interface)
@@ -49,6 +50,6 @@ async def read_link(interface: str, iproute: Callable[[], Any] = _default_iprout
     except Exception as exc:
         if getattr(exc, "code", None) == ENODEV:
             return False, "no such interface"
-        return False, f"cannot read the link: {exc}"
+        return None, f"cannot read the link: {exc}"
     finally:
         ipr.close()

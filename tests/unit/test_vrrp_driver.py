@@ -17,7 +17,7 @@ from halb.config_model import GarpConfig, TrackConfig
 from halb.status_view import render_vrrp
 from halb.vrrp.codec import Advert, encode
 from halb.vrrp.driver import RX_ERROR_REASONS, NotifyRunner
-from halb.vrrp.link import IFF_RUNNING, IFF_UP, link_up
+from halb.vrrp.link import IFF_RUNNING, IFF_UP, link_up, read_link
 from halb.vrrp.tracking import Tracking
 from halb.vrrp.vip import FakeVipPort, NetlinkVipPort, VipError, build_garp_frames, release_stale
 from tests.unit.vrrp_fakes import (
@@ -322,6 +322,39 @@ def test_link_up_needs_up_and_carrier() -> None:
     assert link_up(IFF_UP | IFF_RUNNING | 0x1000) == (True, "up")
     assert link_up(0x1002) == (False, "link set down")
     assert link_up(IFF_UP | 0x1002) == (False, "no carrier")
+
+
+class _LinkNetlink:
+    """What read_link asks of pyroute2's AsyncIPRoute: link("get", ifname=...) and close()."""
+
+    def __init__(self, flags: int | None = None, error: int | None = None) -> None:
+        self.flags, self.error, self.closed = flags, error, False
+
+    async def link(self, command: str, ifname: str) -> list[dict[str, int]]:
+        if self.error is not None:
+            exc = OSError(self.error, "netlink error")
+            exc.code = self.error  # type: ignore[attr-defined]  (NetlinkError carries .code)
+            raise exc
+        return [] if self.flags is None else [{"flags": self.flags}]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_read_link_reports_down_missing_and_unreadable_links() -> None:
+    async def go() -> None:
+        for fake, expected in [
+            (_LinkNetlink(IFF_UP | IFF_RUNNING), (True, "up")),
+            (_LinkNetlink(IFF_UP), (False, "no carrier")),
+            (_LinkNetlink(error=19), (False, "no such interface")),  # ENODEV
+            (_LinkNetlink(), (False, "no such interface")),
+        ]:
+            assert await read_link("eth0", lambda f=fake: f) == expected
+            assert fake.closed
+        up, why = await read_link("eth0", lambda: _LinkNetlink(error=105))  # ENOBUFS: unknown, not down
+        assert up is None and "cannot read the link" in why
+
+    run(go)
 
 
 def test_a_failing_vip_port_is_counted_and_the_instance_carries_on() -> None:
