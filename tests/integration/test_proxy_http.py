@@ -92,6 +92,17 @@ async def default_handler(req: Request, reader: Any, writer: asyncio.StreamWrite
     return True
 
 
+def gated_handler(gate: asyncio.Event) -> Handler:
+    """The default answer, but requests for /slow... wait until `gate` is set."""
+
+    async def handler(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
+        if req.target.startswith("/slow"):
+            await gate.wait()
+        return await default_handler(req, reader, writer, conn_no)
+
+    return handler
+
+
 @dataclass
 class FakeBackend:
     handler: Handler = default_handler
@@ -680,17 +691,9 @@ def test_oversized_heads() -> None:
 
 
 def test_drain_lets_an_in_flight_request_finish() -> None:
-    release = asyncio.Event
-
     async def main() -> None:
-        gate = release()
-
-        async def slow(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
-            if req.target == "/slow":
-                await gate.wait()
-            return await default_handler(req, reader, writer, conn_no)
-
-        async with backends(slow) as (be,), proxy(make_pool([be.port])) as (server, addr):
+        gate = asyncio.Event()
+        async with backends(gated_handler(gate)) as (be,), proxy(make_pool([be.port])) as (server, addr):
             idle = await Client.connect(addr)
             assert (await idle.get("/quick")).status == 200
             busy = await Client.connect(addr)

@@ -22,6 +22,7 @@ from tests.integration.test_proxy_http import (
     backends,
     default_handler,
     event_loop_kind,  # noqa: F401  (autouse: every test on asyncio and on uvloop)
+    gated_handler,
     make_pool,
     poll,
     proxy,
@@ -221,13 +222,7 @@ def test_client_reset_during_an_inline_request_frees_the_backend() -> None:
 def test_connection_close_and_drain_end_the_connection_after_an_inline_answer() -> None:
     async def main() -> None:
         gate = asyncio.Event()
-
-        async def slow(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
-            if req.target == "/slow":
-                await gate.wait()
-            return await default_handler(req, reader, writer, conn_no)
-
-        async with backends(slow) as (be,), proxy(make_pool([be.port])) as (server, addr):
+        async with backends(gated_handler(gate)) as (be,), proxy(make_pool([be.port])) as (server, addr):
             client = await Client.connect(addr)
             assert (await client.get("/warm")).status == 200
             resp = await client.get("/bye", "Connection: close\r\n")
@@ -256,13 +251,7 @@ def test_connection_close_and_drain_end_the_connection_after_an_inline_answer() 
 def test_a_client_half_close_during_an_inline_request_still_gets_the_answer() -> None:
     async def main() -> None:
         gate = asyncio.Event()
-
-        async def slow(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
-            if req.target == "/slow":
-                await gate.wait()
-            return await default_handler(req, reader, writer, conn_no)
-
-        async with backends(slow) as (be,), proxy(make_pool([be.port])) as (server, addr):
+        async with backends(gated_handler(gate)) as (be,), proxy(make_pool([be.port])) as (server, addr):
             client = await Client.connect(addr)
             assert (await client.get("/warm")).status == 200
             client.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -283,12 +272,7 @@ def test_a_client_half_close_during_an_inline_request_still_gets_the_answer() ->
 def test_drain_waits_for_a_request_the_callbacks_handed_over() -> None:
     async def main() -> None:
         gate = asyncio.Event()
-
-        async def slow(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
-            await gate.wait()
-            return await default_handler(req, reader, writer, conn_no)
-
-        async with backends(slow) as (be,), proxy(make_pool([be.port])) as (server, addr):
+        async with backends(gated_handler(gate)) as (be,), proxy(make_pool([be.port])) as (server, addr):
             client = await Client.connect(addr)  # no pooled backend connection yet: handed to the task
             client.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
             await poll(lambda: bool(be.requests))

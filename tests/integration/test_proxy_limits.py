@@ -17,10 +17,9 @@ from halb.proxy.limits import BackendQueue, QueueFull
 from halb.proxy.server import ProxyServer
 from tests.integration.test_proxy_http import (  # (event_loop_kind: every test on asyncio and uvloop)
     Client,
-    Request,
     backends,
-    default_handler,
     event_loop_kind,  # noqa: F401
+    gated_handler,
     poll,
     read_response,
     run,
@@ -72,15 +71,6 @@ async def connect_from(addr: tuple[str, int], source_ip: str) -> Client:
     await asyncio.get_running_loop().sock_connect(sock, addr)
     reader, writer = await asyncio.open_connection(sock=sock)
     return Client(reader, writer)
-
-
-def gated_handler(gate: asyncio.Event) -> Any:
-    async def handler(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
-        if req.target.startswith("/slow"):
-            await gate.wait()
-        return await default_handler(req, reader, writer, conn_no)
-
-    return handler
 
 
 # --------------------------------------------------------------------------------- connection limits
@@ -168,15 +158,21 @@ def test_automatic_node_maxconn_follows_the_fd_limit() -> None:
 
 
 # ------------------------------------------------------------------------------- backend maxconn queue
+async def occupy(addr: tuple[str, int], pool: Pool) -> Client:
+    """A client whose GET /slow holds the pool's only backend slot (until the gate opens)."""
+    slow = await Client.connect(addr)
+    slow.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+    await poll(lambda: pool.backends[0].active_connections == 1)
+    return slow
+
+
 def test_backend_maxconn_queues_requests_in_order() -> None:
     async def main() -> None:
         gate = asyncio.Event()
         async with backends(gated_handler(gate)) as (be,):
             pool = pool_of([be.port], maxconn=1, queue_timeout=5.0)
             async with serve(pool) as (server, (addr,)):
-                slow = await Client.connect(addr)
-                slow.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-                await poll(lambda: pool.backends[0].active_connections == 1)
+                slow = await occupy(addr, pool)
                 waiting = [await Client.connect(addr) for _ in range(2)]
                 for i, client in enumerate(waiting):
                     client.writer.write(f"GET /q{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
@@ -200,9 +196,7 @@ def test_queue_timeout_and_full_queue_answer_503() -> None:
         async with backends(gated_handler(gate)) as (be,):
             pool = pool_of([be.port], maxconn=1, maxqueue=1, queue_timeout=0.3)
             async with serve(pool) as (server, (addr,)):
-                slow = await Client.connect(addr)
-                slow.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-                await poll(lambda: pool.backends[0].active_connections == 1)
+                slow = await occupy(addr, pool)
                 queued = await Client.connect(addr)
                 queued.writer.write(b"GET /q HTTP/1.1\r\nHost: t\r\n\r\n")
                 await poll(lambda: lstats(server)["queued"] == 1)
@@ -247,9 +241,7 @@ def test_client_leaving_the_queue_does_not_leak_the_slot() -> None:
         async with backends(gated_handler(gate)) as (be,):
             pool = pool_of([be.port], maxconn=1, queue_timeout=5.0)
             async with serve(pool) as (server, (addr,)):
-                slow = await Client.connect(addr)
-                slow.writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-                await poll(lambda: pool.backends[0].active_connections == 1)
+                slow = await occupy(addr, pool)
                 leaver = await Client.connect(addr)
                 leaver.writer.write(b"GET /gone HTTP/1.1\r\nHost: t\r\n\r\n")
                 await poll(lambda: lstats(server)["queued"] == 1)
