@@ -111,9 +111,17 @@ _REQUEST_LINE = re.compile(rb"(" + _RE_TCHAR + rb"+) ([\x21-\x7e]+) (HTTP/[0-9]\
 _RESPONSE_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?\r\n")
 
 
-# The parsers scan for these from the CRLF that ends the first line (every field line follows a CRLF) and
-# keep each match as `Special`; the scan is written out in each parser (a helper call per head costs).
 _NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def _specials(regex: re.Pattern[bytes], raw: bytes, start: int) -> list[Special]:
+    # `start` is the index of the CRLF that ends the first line: every field line follows a CRLF.
+    out = []
+    for m in regex.finditer(raw, start):
+        name, value = m.groups()
+        line_start, line_end = m.span()
+        out.append((name.lower(), value.strip(b" \t"), line_start + 2, line_end + 2))
+    return out
 
 
 class RequestHead:
@@ -400,20 +408,14 @@ def parse_request_head(
         ):
             raise _bad("invalid request target form", "bad_request_line")
 
-    special: list[Special] = []  # the fields the proxy acts on, found by one regex scan
+    special = _specials(_REQUEST_SPECIAL, raw, fields_start - 2)
     content_length: int | None = None
     te_count = 0
     hosts = 0
     tokens: list[bytes] = []
     upgrade: bytes | None = None
     expect_continue = False
-    for match in _REQUEST_SPECIAL.finditer(raw, fields_start - 2):
-        name, value = match.groups()
-        lname = name.lower()
-        value = value.strip(b" \t")
-        line_start, line_end = match.span()
-        line_start += 2
-        special.append((lname, value, line_start, line_end + 2))
+    for lname, value, line_start, _ in special:
         if lname == _HOST:
             hosts += 1
         elif lname == _CONTENT_LENGTH:
@@ -501,16 +503,11 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
     if not 100 <= status <= 599:
         raise _bad("invalid response status", "bad_response", 502)
     fields_start = m.end()
-    special: list[Special] = []  # the fields the proxy acts on, found by one regex scan
+    special = _specials(_RESPONSE_SPECIAL, raw, fields_start - 2)
     content_length: int | None = None
     codings: list[bytes] = []
     tokens: list[bytes] = []
-    for match in _RESPONSE_SPECIAL.finditer(raw, fields_start - 2):
-        name, value = match.groups()
-        lname = name.lower()
-        value = value.strip(b" \t")
-        line_start, line_end = match.span()
-        special.append((lname, value, line_start + 2, line_end + 2))
+    for lname, value, _, _ in special:
         if lname == _CONTENT_LENGTH:
             content_length = _content_length(value, content_length, 502)
         elif lname == _TRANSFER_ENCODING:
