@@ -23,24 +23,9 @@ from halb.proxy.server import ProxyServer
 from halb.proxy.sessions_hook import StateRuntime
 from halb.state.memory import MemoryStore
 from tests.conftest import free_port
+from tests.integration.replies import Reply, read_reply
 
 pytestmark = pytest.mark.timeout(20)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: str
-
-    @property
-    def backend(self) -> str:
-        return self.body.strip()
-
-    @property
-    def cookie(self) -> str | None:
-        value = self.headers.get("set-cookie")
-        return value.split(";", 1)[0].split("=", 1)[1] if value else None
 
 
 class Client:
@@ -54,14 +39,7 @@ class Client:
             f"{k.replace('_', '-')}: {v}" for k, v in headers.items()
         ]
         self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        status_line, *fields = head[:-4].split("\r\n")
-        parsed = {}
-        for field in fields:
-            name, _, value = field.partition(":")
-            parsed[name.strip().lower()] = value.strip()
-        body = await self.reader.readexactly(int(parsed.get("content-length", "0")))
-        return Reply(int(status_line.split()[1]), parsed, body.decode())
+        return await read_reply(self.reader, time.monotonic())
 
     def close(self) -> None:
         self.writer.transport.abort()

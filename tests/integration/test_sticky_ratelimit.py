@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Processes, free_port, report
+from tests.integration.replies import Reply, read_reply
 from tests.redis_servers import RedisProcess, RedisServers, SentinelTopology, sync_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -37,23 +38,6 @@ STATE_TIMING = "call_timeout = 0.25\nping_interval = 0.2\nopen_min = 0.2\nopen_m
 
 
 # --- a small HTTP/1.1 client (asyncio, keep-alive) ---------------------------------------------------------
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: str
-    seconds: float
-
-    @property
-    def backend(self) -> str:
-        return self.body.strip()
-
-    @property
-    def cookie(self) -> str | None:
-        value = self.headers.get("set-cookie")
-        return value.split(";", 1)[0].split("=", 1)[1] if value else None
-
-
 class Conn:
     def __init__(self, port: int) -> None:
         self.port = port
@@ -67,19 +51,13 @@ class Conn:
         extra = f"Cookie: HALBSID={cookie}\r\n" if cookie else ""
         writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode())
         try:
-            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode("latin-1")
-            status_line, *lines = head[:-4].split("\r\n")
-            headers = {}
-            for line in lines:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            reply = await read_reply(reader, started)
         except BaseException:
             self.close()
             raise
-        if headers.get("connection", "").lower() == "close":
+        if reply.headers.get("connection", "").lower() == "close":
             self.close()
-        return Reply(int(status_line.split()[1]), headers, body.decode(), time.monotonic() - started)
+        return reply
 
     def close(self) -> None:
         if self.streams is not None:
