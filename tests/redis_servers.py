@@ -17,10 +17,11 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
+
+from tests.waiting import wait_for
 
 
 def free_port() -> int:
@@ -43,15 +44,6 @@ def sync_client(port: int) -> redis.Redis:
     return redis.Redis(
         host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
     )
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout}s")
 
 
 @dataclass
@@ -191,7 +183,7 @@ def make_sentinel_topology(servers: RedisServers, service: str = "halbtest") -> 
     master = servers.server("--repl-diskless-sync-delay", "0")  # Redis 7 waits 5 s by default
     replica = servers.server("--replicaof", "127.0.0.1", str(master.port))
     with sync_client(replica.port) as c:
-        wait_until(lambda: c.info("replication")["master_link_status"] == "up", 15, "replica in sync")
+        wait_for(lambda: c.info("replication")["master_link_status"] == "up", 15, "replica in sync")
     sentinels = [servers.sentinel(master.port, service)]
     topo = SentinelTopology(master, replica, sentinels, service)
 
@@ -208,5 +200,5 @@ def make_sentinel_topology(servers: RedisServers, service: str = "halbtest") -> 
                     return False
         return True
 
-    wait_until(sentinels_ready, 20, "sentinels see the replica and each other")
+    wait_for(sentinels_ready, 20, "sentinels see the replica and each other")
     return topo

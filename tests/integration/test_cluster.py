@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Processes, free_port, report
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 SECRET = "integration-secret-0123456789"
@@ -111,15 +111,6 @@ def healthz(port: int) -> bool:
             return response.status == 200
     except OSError:
         return False
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 def backends_of(doc: dict[str, Any]) -> list[tuple[str, int, bool]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Processes, free_port, report
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,15 +78,6 @@ def status(admin: int) -> dict:  # type: ignore[type-arg]
 def backend_status(admin: int, name: str) -> dict:  # type: ignore[type-arg]
     (pool,) = status(admin)["pools"]
     return next(b for b in pool["backends"] if b["name"] == name)
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> float:  # type: ignore[no-untyped-def]
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(interval)
-    raise TimeoutError("condition not met in time")
 
 
 def start_backends(processes: Processes, names: list[str], *extra: str) -> dict[str, int]:

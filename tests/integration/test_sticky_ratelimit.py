@@ -30,6 +30,7 @@ import pytest
 from tests.conftest import Processes, free_port, report
 from tests.integration.replies import Reply, read_reply
 from tests.redis_servers import RedisProcess, RedisServers, SentinelTopology, sync_client
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 SECRET = "sticky-integration-secret-0123"
@@ -76,15 +77,6 @@ async def fetch(port: int, path: str = "/", cookie: str | None = None) -> Reply:
 def get_json(port: int, path: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 # --- two nodes, three backends, one Redis -------------------------------------------------------------------

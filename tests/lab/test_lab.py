@@ -24,6 +24,7 @@ from halb.lab.netns import http_get, in_netns
 from halb.lab.processes import is_ours, proc_stat, supervisor_of
 from halb.lab.state import ProcessRecord, run_dir
 from tests.conftest import report
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -53,15 +54,6 @@ def recorded(prefix: str) -> list[ProcessRecord]:
     except FileNotFoundError:
         return []
     return [ProcessRecord(**p) for p in state["processes"].values()]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class VipWatch:

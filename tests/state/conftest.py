@@ -19,7 +19,6 @@ from tests.redis_servers import (  # noqa: F401 - re-exported for the state test
     SentinelTopology,
     redis_ping,
     sync_client,
-    wait_until,
 )
 
 T = TypeVar("T")

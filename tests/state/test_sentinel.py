@@ -13,8 +13,9 @@ from halb.state.redis_store import RedisSettings, RedisStore
 from halb.state.sessions import FALLBACK, StickySessions
 from halb.state.store import TOKEN_BUCKET
 from tests.conftest import free_port, report
-from tests.state.conftest import SentinelTopology, run, sync_client, wait_until
+from tests.state.conftest import SentinelTopology, run, sync_client
 from tests.state.test_degradation import BOUND, pool_of
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,7 @@ def test_store_follows_a_sentinel_failover(sentinel_topology: SentinelTopology) 
                 assert c.wait(1, 2000) == 1  # replicated before the failover
             with sync_client(topo.sentinels[0].port) as s:
                 s.execute_command("SENTINEL", "FAILOVER", topo.service)
-            wait_until(lambda: topo.master_port() == new_port, 20, "sentinel promoted the replica")
+            wait_for(lambda: topo.master_port() == new_port, 20, "sentinel promoted the replica")
             # The old master is demoted only at the sentinel's next INFO of it (up to 10 s later) and takes
             # writes until then; the store must move to the new master on its own (its master watch).
             t0 = time.monotonic()
