@@ -68,18 +68,22 @@ class Channel(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        self.received += len(data)
-        if len(buf) >= self._high and not self._read_paused and self.transport is not None:
-            self._read_paused = True
-            self.transport.pause_reading()
+        self.append(data)
         if self.on_ready is not None:
             self.on_ready()
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def append(self, data: bytes) -> None:
+        """Buffer received bytes (pausing the socket above the high-water mark); wakes nobody."""
+        buf = self.buf
+        buf += data
+        self.received += len(data)
+        if len(buf) >= self._high and not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True

@@ -292,8 +292,8 @@ def find_head_end(
     i = buf.find(b"\n\r\n", lf)
     if i >= 0:
         end = i + 3
-    j = buf.find(b"\n\n", lf)
-    if j >= 0 and (end < 0 or j + 2 < end):
+    j = buf.find(b"\n\n", lf, end if end > 0 else len(buf))  # (not into a body that follows the head)
+    if j >= 0:
         end = j + 2
     if end < 0:
         if len(buf) > max_head:

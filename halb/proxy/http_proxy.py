@@ -54,6 +54,7 @@ from halb.proxy.http_codec import (
     MAX_RESPONSE_HEAD,
     MAX_RESPONSE_LINE,
     BodyFramer,
+    LengthBody,
     NoBody,
     RequestHead,
     ResponseHead,
@@ -282,7 +283,7 @@ class HttpConnection(Channel):
         self._pump_done_at: float | None = None
         self._t0 = 0.0  # when the current request's head was parsed
         self.sticky: RequestSticky | None = None  # [state] hook: this request's sticky session, if any
-        self._parked = False  # the task waits in _read_head for the next request: callbacks may serve
+        self._parked = False  # no task reads the buffer (none yet, or it waits): callbacks serve
         self._inline: _Inline | None = None  # the request the callbacks are serving
         self._inline_error: ProtocolError | None = None  # a bad head the callbacks found, for the task
         self._inline_closing = False  # the callbacks answered a request that ends the connection
@@ -325,13 +326,8 @@ class HttpConnection(Channel):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
-        if self._parked and self.listener.inline_ok:
-            buf = self.buf  # (as Channel.data_received, without waking the parked task)
-            buf += data
-            self.received += len(data)
-            if len(buf) >= self._high and not self._read_paused and self.transport is not None:
-                self._read_paused = True
-                self.transport.pause_reading()
+        if self._parked:  # the callbacks serve (the task is not reading): buffer without waking it
+            self.append(data)
             if self._inline is None:
                 self._serve_inline()
             return
@@ -469,7 +465,7 @@ class HttpConnection(Channel):
                 return None
             if deadline is None:
                 deadline = loop.time() + (config.header_timeout if first else config.client_timeout)
-            self._parked = True
+            self._parked = listener.inline_ok
             try:
                 await self.wait_more(deadline)
             except TimeoutError:
@@ -524,11 +520,13 @@ class HttpConnection(Channel):
         if buf[0] in (10, 13) or listener.draining:
             self._wake_task()
             return
-        end = buf.find(b"\r\n\r\n")  # (bare-LF or oversized heads fail the strict parse, or the task's)
+        try:
+            end = find_head_end(buf, config.max_request_line, config.max_header_bytes)
+        except ProtocolError:
+            end = -1  # the task reads the same and answers it
         if end < 0:
             self._wake_task()  # a partial head: the task times its completion (header_timeout)
             return
-        end += 4
         data = self.take(end)
         stats = listener.stats
         stats.bytes_in += end
@@ -540,10 +538,10 @@ class HttpConnection(Channel):
             self._wake_task()
             return
         inline = self._inline = _Inline(req)
-        if req.chunked or req.content_length:
+        framer = request_framer(req)
+        if not framer.done:
             self._wake_task()  # a body: the task streams it
             return
-        framer = NoBody()
         stats.requests_total += 1
         self._method = req.method
         inline.rid, inline.out_head = self._request_head(req)
@@ -587,31 +585,24 @@ class HttpConnection(Channel):
         buf = up.buf
         resp = inline.resp
         if resp is None:
-            end = buf.find(b"\r\n\r\n")  # (a bare-LF head fails the strict parse: the task explains)
-            if end < 0:
-                if up.eof or up.closed or len(buf) > MAX_RESPONSE_HEAD:
-                    self._escalate(up)
-                return
-            end += 4
-            if end > MAX_RESPONSE_HEAD:
-                self._escalate(up)
-                return
             try:
-                resp = parse_response_head(bytes(buf[:end]))
+                end = find_head_end(buf, MAX_RESPONSE_LINE, MAX_RESPONSE_HEAD, status=(502, 502))
+                if end > 0:
+                    resp = parse_response_head(bytes(buf[:end]))
             except ProtocolError:
                 self._escalate(up)
                 return
-            # response_framer's rules, for the shapes answered here; the rest is streamed by the task
-            status = resp.status
-            if status < 200 or resp.chunked or resp.te_other:
-                self._escalate(up)  # 1xx (or 101), chunked or close-delimited
+            if resp is None:
+                if up.eof or up.closed:
+                    self._escalate(up)
                 return
-            if inline.req.method == b"HEAD" or status == 204 or status == 304:
+            framer = response_framer(inline.req.method, resp)
+            if isinstance(framer, NoBody) and resp.status >= 200:
                 length = 0
-            elif resp.content_length is not None and resp.content_length <= COALESCE_BYTES:
-                length = resp.content_length
+            elif isinstance(framer, LengthBody) and framer.remaining <= COALESCE_BYTES:
+                length = framer.remaining
             else:
-                self._escalate(up)  # large, or delimited by the close
+                self._escalate(up)  # 1xx, chunked, close-delimited or large: the task streams it
                 return
             inline.resp, inline.head_end, inline.length = resp, end, length
         end, total = inline.head_end, inline.head_end + inline.length
@@ -640,11 +631,11 @@ class HttpConnection(Channel):
         out = self._response_head(resp, inline.rid, keep, req.minor)
         if inline.length:
             out += data[inline.head_end :]
-        transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
+        try:
+            self.write(out)
+        except ConnectionError:
             keep = False  # the client is gone; its connection_lost ends the connection
         else:
-            transport.write(out)
             stats.bytes_out += len(out)
             stats.inline_total += 1
             status = resp.status
