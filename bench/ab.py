@@ -6,7 +6,8 @@ How this works: one nginx (the backend, on `--client-cpu`) and one halb node per
 `PYTHONPATH`, with the working directory set outside any checkout (`python -m halb` would otherwise import
 the `halb/` of the current directory, whatever `PYTHONPATH` says). Then `--rounds` times, for each tree in
 turn: a 1 s wrk warm-up and a `--duration` s wrk run of `--pattern` (keep-alive or new-conn) against its
-HTTP listener (`--mode tcp`: its TCP listener). It prints each tree's runs and their median. Alternating
+HTTP listener (`--mode tcp`: its TCP listener; `--mode https`: an HTTP listener with `tls`, a throw-away
+ECDSA P-256 certificate, wrk speaking TLS). It prints each tree's runs and their median. Alternating
 the trees round by round is what makes small differences visible on a machine whose speed drifts: the
 absolute figures move by about ±5% between runs here, the order of two trees measured side by side much
 less.
@@ -28,14 +29,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import Processes, parse_wrk, start_halb, start_nginx, wrk_command  # the sibling script
+from run import Processes, free_port, parse_wrk, start_halb, start_nginx, wrk_command  # the sibling script
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def https_listener(tmp: Path) -> tuple[str, int]:
+    """A TLS listener's TOML (for `start_halb(extra=...)`) with a fresh certificate, and its port."""
+    sys.path.insert(0, str(ROOT))
+    from tests.certs import make_cert  # (the test suite's certificate maker: cryptography, no CLI)
+
+    cert, key = make_cert(tmp, "bench")
+    port = free_port()
+    listener = f"""
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:{port}"
+mode = "http"
+pool = "nginx"
+backlog = 4096
+tls = {{ cert = "{cert}", key = "{key}" }}
+"""
+    return listener, port
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs="+", help="checkouts of halb to compare (directories with halb/)")
     parser.add_argument("--pattern", default="keep-alive", choices=("keep-alive", "new-conn"))
-    parser.add_argument("--mode", default="http", choices=("http", "tcp"))
+    parser.add_argument("--mode", default="http", choices=("http", "tcp", "https"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=64)
@@ -59,15 +81,19 @@ def main(argv: list[str] | None = None) -> int:
                 node_dir = tmp / f"tree{i}"
                 node_dir.mkdir()
                 os.environ["PYTHONPATH"] = str(tree)
-                _, http_port, tcp_port, _ = start_halb(procs, node_dir, args.proxy_cpu, backend_port)
-                ports.append(http_port if args.mode == "http" else tcp_port)
+                extra, https_port = https_listener(node_dir) if args.mode == "https" else ("", 0)
+                _, http_port, tcp_port, _ = start_halb(procs, node_dir, args.proxy_cpu, backend_port, extra)
+                ports.append({"http": http_port, "tcp": tcp_port, "https": https_port}[args.mode])
             os.environ.clear()
             os.environ.update(saved_env)
             for _ in range(args.rounds):
                 for i, port in enumerate(ports):
-                    warm = wrk_command(args.client_cpu, port, args.pattern, 1.0, args.connections)
+                    scheme = "https" if args.mode == "https" else "http"
+                    warm = wrk_command(args.client_cpu, port, args.pattern, 1.0, args.connections, scheme)
                     subprocess.run(warm, capture_output=True, check=False)
-                    cmd = wrk_command(args.client_cpu, port, args.pattern, args.duration, args.connections)
+                    cmd = wrk_command(
+                        args.client_cpu, port, args.pattern, args.duration, args.connections, scheme
+                    )
                     out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
                     results[i].append(parse_wrk(out)[0])
         finally:

@@ -203,7 +203,8 @@ backend be_tcp
 """
 
 
-def halb_conf(admin_port: int, http_port: int, tcp_port: int, backend_port: int) -> str:
+def halb_conf(admin_port: int, http_port: int, tcp_port: int, backend_port: int, extra: str = "") -> str:
+    """`extra`: more TOML (another `[[listeners]]`) before the pool."""
     return f"""
 [node]
 name = "bench"
@@ -223,7 +224,7 @@ bind = "127.0.0.1:{tcp_port}"
 mode = "tcp"
 pool = "nginx"
 backlog = 4096
-
+{extra}
 [pools.nginx]
 backends = [{{ name = "nginx", address = "127.0.0.1:{backend_port}" }}]
 health = {{ kind = "tcp", interval = 5.0, timeout = 1.0 }}
@@ -255,11 +256,13 @@ def parse_wrk(output: str) -> tuple[float, float, int, int]:
     return float(rps.group(1)), _ms(p99.group(1)), errors, int(non2xx.group(1)) if non2xx else 0
 
 
-def wrk_command(cpu: int, port: int, pattern: str, duration: float, connections: int) -> list[str]:
+def wrk_command(
+    cpu: int, port: int, pattern: str, duration: float, connections: int, scheme: str = "http"
+) -> list[str]:
     cmd = ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
     if pattern == "new-conn":
         cmd += ["-H", "Connection: close"]
-    return [*cmd, f"http://127.0.0.1:{port}/"]
+    return [*cmd, f"{scheme}://127.0.0.1:{port}/"]
 
 
 def run_cell(cell: Cell, port: int, pid: int | None, args: argparse.Namespace, verbose: bool = False) -> Cell:
@@ -341,11 +344,11 @@ def start_nginx(procs: Processes, tmp: Path, cpu: int) -> int:
 
 
 def start_halb(
-    procs: Processes, tmp: Path, cpu: int, backend_port: int
+    procs: Processes, tmp: Path, cpu: int, backend_port: int, extra: str = ""
 ) -> tuple[subprocess.Popen[bytes], int, int, int]:
     """One halb node (`halb_conf`) pinned to `cpu`, up and healthy: -> (process, http, tcp, admin port)."""
     http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
-    (tmp / "halb.toml").write_text(halb_conf(admin_port, http_port, tcp_port, backend_port))
+    (tmp / "halb.toml").write_text(halb_conf(admin_port, http_port, tcp_port, backend_port, extra))
     halb = procs.start(
         "halb", ["taskset", "-c", str(cpu), sys.executable, "-m", "halb", "serve", str(tmp / "halb.toml")]
     )

@@ -271,6 +271,7 @@ class HttpConnection(Channel):
         self.client_ip = ""
         self.client_ip_bytes = b""
         self.admitted = False  # holds a slot of the listener's connection limits (released when done)
+        self.connected = False  # connection_made ran (on a TLS listener: the handshake completed)
         self.in_queue = False  # waiting for a backend slot (maxconn)
         self.task: asyncio.Task[None] | None = None
         self.idle = True  # waiting for the next request's first byte
@@ -291,6 +292,7 @@ class HttpConnection(Channel):
 
     # --- protocol ------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connected = True
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""

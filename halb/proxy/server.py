@@ -9,8 +9,9 @@ to backends and enforces the TCP idle timeout.
 
 Limits and TLS: the server owns this worker's `NodeGate` (its share of `node.maxconn`), gives each
 listener a `ListenerGate` (listener `maxconn`, `maxconn_per_ip`) and each pool with a per-backend
-`maxconn` a `BackendQueue` (halb.proxy.limits). A listener with `tls` gets its `TlsTerminator`'s context
-(halb.proxy.tls); `reload_tls()` (SIGHUP) loads fresh certificates into it.
+`maxconn` a `BackendQueue` (halb.proxy.limits). A listener with `tls` is served by a `TlsAcceptor`
+(halb.proxy.tls), which admits each connection before its handshake, so the limits count it from its
+accept on; `reload_tls()` (SIGHUP) loads fresh certificates into each `TlsTerminator`'s context.
 
 Shutdown is in steps: `stop_accepting()` closes the listening sockets; `drain(timeout)` lets in-flight
 requests finish (their responses say `Connection: close`), closes idle keep-alive connections at once and
@@ -32,7 +33,7 @@ from halb.pool import Pool
 from halb.proxy.http_proxy import HttpListener
 from halb.proxy.limits import ListenerGate, NodeGate, automatic_maxconn, make_backend_queue, share
 from halb.proxy.tcp_proxy import TcpListener
-from halb.proxy.tls import TlsTerminator
+from halb.proxy.tls import TlsAcceptor, TlsTerminator
 from halb.proxy.upstream_pool import UpstreamPool
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class ProxyServer:
             if lc.tls is not None
         }
         self._handlers: dict[str, HttpListener | TcpListener] = {}
-        self._servers: dict[str, asyncio.Server] = {}
+        self._servers: dict[str, asyncio.AbstractServer | TlsAcceptor] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self._started = False
@@ -113,14 +114,15 @@ class ProxyServer:
                         config, pool, loop=loop, gate=gate, queue=queues[config.pool], tls=tls
                     )
                 sock = await _bind(config, loop)
+                server: asyncio.AbstractServer | TlsAcceptor
                 try:
-                    server = await loop.create_server(
-                        handler.protocol_factory,
-                        sock=sock,
-                        backlog=config.backlog,
-                        ssl=tls.context if tls is not None else None,
-                        ssl_handshake_timeout=config.header_timeout if tls is not None else None,
-                    )
+                    if tls is not None:  # accepts itself: the limits apply from the accept on
+                        sock.listen(config.backlog)
+                        server = TlsAcceptor(loop, sock, config.name, tls, handler, config.header_timeout)
+                    else:
+                        server = await loop.create_server(
+                            handler.protocol_factory, sock=sock, backlog=config.backlog
+                        )
                 except OSError as exc:
                     sock.close()
                     raise OSError(
@@ -200,6 +202,7 @@ class ProxyServer:
             if terminator is not None:
                 entry["tls_reloads_total"] = terminator.reloads_total
                 entry["tls_reload_failures_total"] = terminator.reload_failures_total
+                entry["tls_handshake_failures_total"] = terminator.handshake_failures_total
             listeners[name] = entry
         return {
             "listeners": listeners,

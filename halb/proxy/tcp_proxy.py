@@ -139,6 +139,7 @@ class TcpSession(asyncio.Protocol):
         self.upstream_eof = False
         self.closed = False
         self.admitted = False  # holds a slot of the listener's connection limits (released when done)
+        self.connected = False  # connection_made ran (on a TLS listener: the handshake completed)
         self.bytes_up = 0  # client -> backend
         self.bytes_down = 0  # backend -> client
         self.seen_bytes = 0
@@ -152,6 +153,7 @@ class TcpSession(asyncio.Protocol):
     # --- client side protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.connected = True
         self.client = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         transport.pause_reading()  # until the backend is connected

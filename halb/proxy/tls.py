@@ -4,9 +4,20 @@ How this works: `server_context(tls)` builds an `ssl.SSLContext` for a `TlsConfi
 1.3), forward-secret AEAD ciphers only for TLS 1.2 (Mozilla's "intermediate" list) unless `ciphers` says
 otherwise, no compression, no renegotiation, the server's cipher order, ALPN `http/1.1` on HTTP
 listeners. Each problem is a `TlsError` naming the config key ("cert", "key" or "ciphers") at fault, so the
-config loader reports it like any other error. The listener is served by `loop.create_server(ssl=...)`
-with the listener's `header_timeout` as the handshake timeout (a client that never finishes its
-handshake is dropped like a slowloris); the proxy protocols see plain bytes; backends get plain HTTP/TCP.
+config loader reports it like any other error. Backends get plain HTTP/TCP.
+
+A connection holds its place in the listener's connection limits from the accept on, handshake included
+(HAProxy counts a connection at accept too). So a TLS listener is not served by
+`loop.create_server(ssl=...)`, whose proxy protocol starts only after the handshake and which says nothing
+about failed ones: a `TlsAcceptor` accepts the connections itself (`loop.sock_accept`), admits the client
+address through the listener's gate before any handshake work (a refused connection is closed at once:
+there is no way to answer before TLS; counted like any refusal), then runs the handshake with
+`loop.connect_accepted_socket(ssl=...)`, the event loop's own TLS (uvloop's, in C), with the listener's
+`header_timeout` as its timeout (a stalled client is dropped like a slowloris). When it completes, the
+proxy protocol (`HttpConnection`, `TcpSession`) starts already admitted and releases the slot when its
+connection ends; a handshake that fails or times out releases it at once and is counted in
+`tls_handshake_failures_total`. Accept errors for lack of resources (EMFILE and the like) pause
+accepting for a moment, as asyncio's own servers do.
 
 Reload (`TlsTerminator.reload()`): the certificate and key files are read once into memory, checked
 (PEM, and the key matches the certificate) and loaded into a scratch context; only when all that worked
@@ -14,16 +25,21 @@ are the very same bytes loaded into the listener's live context (through a priva
 OpenSSL loads from paths): new handshakes get the new certificate, established connections keep theirs,
 so a SIGHUP never drops a connection, and a bad pair leaves the old one serving (counted and logged).
 
-(`loop.start_tls()` per connection would allow swapping whole contexts, but uvloop 0.23 loses the
-ClientHello when it arrives with the accept, so the handshake hangs: uvloop issue #707.)
+(`loop.start_tls()` on a plain connection would be the other way to get there, but uvloop 0.23 starts
+reading a new connection right after `connection_made`, whatever it asked, so a ClientHello that arrives
+with the accept goes to the plain protocol and the handshake hangs: uvloop issue #707.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
+import socket
 import ssl
 import tempfile
+from typing import Protocol, cast
 
 from halb.config_model import TlsConfig
 
@@ -120,6 +136,7 @@ class TlsTerminator:
         self.context = server_context(config, alpn)
         self.reloads_total = 0
         self.reload_failures_total = 0
+        self.handshake_failures_total = 0
 
     def reload(self) -> bool:
         """Re-read the certificate and key; True when the new pair is in use for new connections."""
@@ -134,3 +151,115 @@ class TlsTerminator:
             return False
         self.reloads_total += 1
         return True
+
+
+class _Gate(Protocol):
+    def admit(self, ip: str) -> str: ...
+    def release(self, ip: str) -> None: ...
+
+
+class TlsListener(Protocol):
+    """What `TlsAcceptor` needs of a listener (`HttpListener`, `TcpListener`)."""
+
+    gate: _Gate
+
+    def count_rejected(self, reason: str) -> None: ...
+
+    def protocol_factory(self) -> asyncio.Protocol: ...
+
+
+class TlsApp(Protocol):
+    """What `TlsAcceptor` needs of the proxy protocol it hands the plain bytes to."""
+
+    admitted: bool  # holds a slot of the listener's limits (the app releases it when it ends)
+    client_ip: str
+    connected: bool  # its connection_made ran (the handshake completed)
+
+
+ACCEPT_RETRY_SECONDS = 0.5  # after an accept failed for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+
+
+class TlsAcceptor:
+    """Accepts a TLS listener's connections: limits first, then the handshake (see the module docstring).
+    `close()` and `wait_closed()` as for an `asyncio.Server`."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        name: str,
+        terminator: TlsTerminator,
+        listener: TlsListener,
+        handshake_timeout: float,
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._name = name
+        self._terminator = terminator
+        self._listener = listener
+        self._timeout = handshake_timeout
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._task = loop.create_task(self._accept_loop())
+        # The socket closes when the accept loop has ended (cancelled even before it started), after the
+        # event loop stopped watching it.
+        self._task.add_done_callback(lambda _task: sock.close())
+
+    async def _accept_loop(self) -> None:
+        loop, sock = self._loop, self._sock
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EAGAIN, errno.EPROTO):
+                    continue  # that client is gone already
+                log.error(
+                    "listener %s: accept failed: %s; accepting again in %s s",
+                    self._name,
+                    exc,
+                    ACCEPT_RETRY_SECONDS,
+                )
+                await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            self._admit(conn, str(addr[0]))
+
+    def _admit(self, conn: socket.socket, ip: str) -> None:
+        listener = self._listener
+        reason = listener.gate.admit(ip)
+        if reason:
+            listener.count_rejected(reason)
+            conn.close()
+            return
+        app = cast(TlsApp, listener.protocol_factory())
+        app.admitted = True
+        app.client_ip = ip
+        task = self._loop.create_task(self._handshake(conn, app))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, app: TlsApp) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: cast(asyncio.Protocol, app),
+                conn,
+                ssl=self._terminator.context,
+                ssl_handshake_timeout=self._timeout,
+            )
+        except BaseException as exc:
+            # The event loop closed the connection. Unless the proxy protocol took the slot over, free it.
+            if not app.connected and app.admitted:
+                app.admitted = False
+                self._listener.gate.release(app.client_ip)
+                if not isinstance(exc, asyncio.CancelledError):
+                    self._terminator.handshake_failures_total += 1
+                    log.debug("listener %s: %s: TLS handshake failed: %r", self._name, app.client_ip, exc)
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                raise
+
+    def close(self) -> None:
+        """Stop accepting and drop the handshakes in progress."""
+        self._task.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._task, *self._handshakes, return_exceptions=True)

@@ -38,7 +38,8 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
             report("bench --quick (smoke run, 1 s per cell: not a measurement)", line)
 
 
-def test_ab_harness_compares_two_trees() -> None:
+@pytest.mark.parametrize("mode", ["http", "https"])
+def test_ab_harness_compares_two_trees(mode: str) -> None:
     """`bench/ab.py` runs each tree from its own checkout: here the same checkout twice, one round."""
     done = subprocess.run(
         [
@@ -50,6 +51,8 @@ def test_ab_harness_compares_two_trees() -> None:
             "1",
             "--duration",
             "1",
+            "--mode",
+            mode,
         ],
         capture_output=True,
         text=True,

@@ -191,6 +191,13 @@ def test_backend_reset_before_answering_gives_502(method: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- TLS
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A TCP backend that sends back what it gets."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+
+
 def client_context(cafile: Path, **kw: Any) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(cafile))
     for key, value in kw.items():
@@ -262,6 +269,67 @@ def test_tls_refuses_old_versions_plain_text_and_stalled_handshakes(tmp_path: Pa
     run(main)
 
 
+@pytest.mark.parametrize("mode", ["http", "tcp"])
+def test_tls_handshakes_hold_a_connection_slot_and_failed_ones_release_it(
+    tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection counts against the limits from the accept on, not from the end of its handshake: two
+    clients that never start one fill `maxconn_per_ip = 2`, a third is refused at once. A handshake that
+    fails (plain text) or times out gives its slot back and is counted; no socket is left open."""
+    cert, key = make_cert(tmp_path, "front")
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if mode == "http":
+                (be,) = await stack.enter_async_context(backends(None))
+                port = be.port
+            else:
+                port = await stack.enter_async_context(stream_backend(echo))
+            server, addr = await stack.enter_async_context(
+                proxy(
+                    make_pool([port]),
+                    mode=mode,
+                    tls=TlsConfig(str(cert), str(key)),
+                    header_timeout=1.0,
+                    maxconn_per_ip=2,
+                )
+            )
+            fds = open_fds()
+            silent = [await Client.connect(addr) for _ in range(2)]  # TCP only: no ClientHello
+            await poll(lambda: server.stats()["connections"]["current"] == 2)  # type: ignore[index]
+            third = await Client.connect(addr)
+            assert await third.at_eof()  # refused before any handshake work
+            assert stats(server)["rejected"] == {"maxconn_per_ip": 1}
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await tls_client(addr, client_context(cert))  # refused too: the handshake fails
+
+            silent[0].writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # plain text: a failed handshake
+            assert await silent[0].at_eof()
+            assert await silent[1].at_eof()  # no ClientHello within header_timeout: dropped
+            await poll(lambda: server.stats()["connections"]["current"] == 0)  # type: ignore[index]
+            s = stats(server)
+            assert s["tls_handshake_failures_total"] == 2
+            assert s["rejected"] == {"maxconn_per_ip": 2}
+
+            good = await tls_client(addr, client_context(cert))  # both slots are free again
+            if mode == "http":
+                assert (await good.get("/")).status == 200
+            else:
+                good.writer.write(b"ping")
+                assert await good.reader.readexactly(4) == b"ping"
+            assert server.stats()["connections"]["current"] == 1  # type: ignore[index]
+            good.writer.close()
+            await poll(lambda: server.stats()["connections"]["current"] == 0)  # type: ignore[index]
+            assert stats(server)["tls_handshake_failures_total"] == 2
+            for client in (*silent, third):
+                client.writer.close()
+            server.upstream.close_all()  # (the pooled keep-alive connection to the backend, in HTTP mode)
+            await poll(lambda: open_fds() <= fds)  # every socket of both sides is closed
+
+    run(main)
+    no_errors(caplog)
+
+
 def test_tls_reload_swaps_the_certificate_without_dropping_connections(tmp_path: Path) -> None:
     live = tmp_path / "live"
     live.mkdir()
@@ -306,11 +374,6 @@ def test_tls_reload_swaps_the_certificate_without_dropping_connections(tmp_path:
 
 def test_tls_on_a_tcp_listener(tmp_path: Path) -> None:
     cert, key = make_cert(tmp_path, "front")
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
 
     async def main() -> None:
         async with (

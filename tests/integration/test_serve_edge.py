@@ -212,5 +212,10 @@ def test_tls_listener_reloads_its_certificate_on_sighup(processes: Processes, tm
         with connect() as sock:
             response = get(sock, "/3")
         assert response.startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection(("127.0.0.1", listen), timeout=5) as plain:  # no TLS: fails
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert plain.recv(100) == b""
+        wait_for(lambda: web(admin).get("tls_handshake_failures_total") == 1, timeout=5)
+        assert 'halb_listener_tls_handshake_failures_total{listener="web",node="edge"} 1.0' in metrics(admin)
     finally:
         kept.close()
