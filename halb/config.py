@@ -192,6 +192,7 @@ def _listener(r: Reader) -> ListenerConfig:
         mode=r.str("mode", "http", choices=("http", "tcp")),
         client_timeout=r.float("client_timeout", d["client_timeout"], lo=0.001),
         header_timeout=r.float("header_timeout", d["header_timeout"], lo=0.001),
+        tunnel_timeout=r.float("tunnel_timeout", d["tunnel_timeout"], lo=0.001),
         max_header_bytes=r.int("max_header_bytes", d["max_header_bytes"], lo=1024, hi=1 << 20),
         max_request_line=r.int("max_request_line", d["max_request_line"], lo=256, hi=1 << 20),
         backlog=r.int("backlog", d["backlog"], lo=1, hi=65535),

@@ -46,6 +46,7 @@ class ListenerConfig:
     mode: str = "http"  # "http" | "tcp"
     client_timeout: float = 60.0  # idle keep-alive (HTTP) / idle connection (TCP) timeout
     header_timeout: float = 10.0  # a request head must be complete within this (slowloris defence)
+    tunnel_timeout: float = 3600.0  # idle WebSocket tunnel (HTTP mode, after 101): HAProxy's timeout tunnel
     max_header_bytes: int = 32768  # whole request head
     max_request_line: int = 8192
     backlog: int = 1024

@@ -55,7 +55,7 @@ class Channel(asyncio.Protocol):
         self._drain_deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._keep_open = keep_open_on_eof
+        self.keep_open_on_eof = keep_open_on_eof  # after the peer's EOF, keep the connection (half-close)
         self._high = high_water
         self._low = low_water
         self.on_ready: Callable[[], None] | None = None  # a callback reader (see the module docstring)
@@ -90,7 +90,7 @@ class Channel(asyncio.Protocol):
         if self.on_ready is not None:
             self.on_ready()
         self.wake()
-        return self._keep_open
+        return self.keep_open_on_eof
 
     def wake(self) -> None:
         """Wake the coroutine waiting in `wait_more`, if any."""

@@ -29,8 +29,14 @@ Errors: no backend -> 503; every connect failed -> 503 (as HAProxy); backend clo
 before a response head -> 502; no head in time -> 504; backend fails after the head went out -> the client
 connection is aborted (the client sees a truncated response, never a wrong one). Bad requests are answered
 (400, 408, 414, 431, 501, 505), counted by reason and the connection closed. The response to a request
-whose body was not read completely says `Connection: close`. Upgrade (WebSocket) is not supported: the
-Upgrade header is stripped, the backend answers a plain request.
+whose body was not read completely says `Connection: close`.
+
+Upgrades: a WebSocket handshake (`GET`, HTTP/1.1, `Connection: Upgrade`, `Upgrade: websocket`, no body) is
+forwarded with `Upgrade: websocket` and `Connection: Upgrade`; when the backend answers `101 Switching
+Protocols` with `Upgrade: websocket`, the 101 goes to the client and the two connections become a byte
+tunnel (halb.proxy.tunnel) until both sides are done or it idles for the listener's `tunnel_timeout`.
+Any other upgrade (h2c, which would carry HTTP/2 past the proxy's checks, or anything else) is stripped
+and the backend answers a plain request; a 101 to a request that did not ask for WebSocket is a 502.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from halb.proxy.http_codec import (
 from halb.proxy.limits import BackendQueue, ListenerGate, NodeGate, QueueFull, QueueTimeout
 from halb.proxy.stats import HttpListenerStats
 from halb.proxy.tls import TlsTerminator
+from halb.proxy.tunnel import TunnelBytes, relay_tunnel
 from halb.proxy.upstream_pool import UpstreamPool
 
 if TYPE_CHECKING:
@@ -110,7 +117,9 @@ _RESP_DROP = frozenset(
 # Connection-header tokens that may not remove end-to-end headers.
 _PROTECTED = frozenset({b"host"})
 # Connection-header tokens that name no other header to drop (the common case: the fast head copy).
-_PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive"})
+# ("upgrade" names the Upgrade header, which the proxy drops or rewrites itself.)
+_PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_UPGRADE_WEBSOCKET = b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 
 BODY_FLUSH_BYTES = 1 << 20  # report backend bytes at least every MiB of a long response
 # After answering a request whose bytes were not all read (errors), keep reading and discarding for this
@@ -137,6 +146,24 @@ class _Inline:
     resp: ResponseHead | None = None
     head_end: int = 0
     length: int = 0  # the response body's length
+
+
+def _websocket_upgrade(req: RequestHead) -> bool:
+    """A WebSocket handshake (RFC 6455 section 4.1): the only protocol switch the proxy tunnels."""
+    return (
+        req.upgrade is not None
+        and req.method == b"GET"
+        and req.minor == 1
+        and b"upgrade" in req.connection_tokens
+        and not req.has_body
+        and b"websocket" in (token.strip(b" \t").lower() for token in req.upgrade.split(b","))
+    )
+
+
+def _switches_to_websocket(resp: ResponseHead) -> bool:
+    """A 101 that switches to WebSocket (`Connection: Upgrade`, `Upgrade: websocket`)."""
+    upgrades = [value for lname, value, _, _ in resp.special if lname == b"upgrade"]
+    return b"upgrade" in resp.connection_tokens and len(upgrades) == 1 and upgrades[0].lower() == b"websocket"
 
 
 class _DeadReused(Exception):
@@ -541,8 +568,8 @@ class HttpConnection(Channel):
             return
         inline = self._inline = _Inline(req)
         framer = request_framer(req)
-        if not framer.done:
-            self._wake_task()  # a body: the task streams it
+        if not framer.done or req.upgrade is not None:
+            self._wake_task()  # a body: the task streams it; an Upgrade: the task may tunnel
             return
         stats.requests_total += 1
         self._method = req.method
@@ -919,6 +946,7 @@ class HttpConnection(Channel):
         received = 0
         flushed_sent = flushed_received = 0
         reusable = False
+        tunnel_closed = False  # a WebSocket tunnel ended cleanly and closed its backend side
         pump: asyncio.Task[None] | None = None
         self._pump_sent = 0
         self._pump_done_at = None
@@ -957,6 +985,14 @@ class HttpConnection(Channel):
                         if resp.status >= 200:
                             break
                         if resp.status == 101:
+                            if _websocket_upgrade(req) and _switches_to_websocket(resp):
+                                moved = TunnelBytes()
+                                try:
+                                    tunnel_closed = await self._tunnel(backend, resp, up, moved)
+                                finally:
+                                    sent += moved.up
+                                    received += moved.down
+                                return False
                             stats.backend_errors_total += 1
                             return self._fail(
                                 502, f"backend {backend.name} switched protocols", req, rid, framer.done
@@ -1095,9 +1131,36 @@ class HttpConnection(Channel):
             now = loop.time()
             if reusable:
                 listener.upstream.release(backend, up, now)
-            else:
+            elif not tunnel_closed:
                 up.abort()
             backend.on_bytes(sent - flushed_sent, received - flushed_received, now)
+
+    async def _tunnel(self, backend: Backend, resp: ResponseHead, up: Channel, moved: TunnelBytes) -> bool:
+        """The backend switched to WebSocket: send the 101 on, then relay bytes both ways (halb.proxy.tunnel)
+        until both sides are done (True: both connections closed cleanly), one is lost or it idles for
+        `tunnel_timeout` (both are cut: False). Frames that came with the 101 or behind the handshake
+        request are relayed first."""
+        listener = self.listener
+        stats = listener.stats
+        head = self._response_head(resp, b"", True, 1, interim=True)[:-4] + _UPGRADE_WEBSOCKET
+        self.write(head)
+        stats.bytes_out += len(head)
+        stats.count_response(101)
+        stats.tunnels_total += 1
+        stats.tunnels_active += 1
+        try:
+            await relay_tunnel(self, up, listener.config.tunnel_timeout, moved)
+        except (ConnectionError, TimeoutError) as exc:
+            log.debug("tunnel %s <-> %s cut: %r", self.client_ip, backend.name, exc)
+            self.abort()
+            return False
+        finally:
+            stats.tunnels_active -= 1
+            stats.bytes_in += moved.up
+            stats.bytes_out += moved.down
+        if up.transport is not None:
+            up.transport.close()
+        return True
 
     async def _pump(self, framer: BodyFramer, up: Channel) -> None:
         """Forward the rest of the request body to the backend, beside the response reader."""
@@ -1218,6 +1281,8 @@ class HttpConnection(Channel):
             rid,
             b"\r\nConnection: keep-alive\r\n\r\n" if req.minor == 0 else b"\r\n\r\n",
         )
+        if req.upgrade is not None and _websocket_upgrade(req):
+            out[-1] = _UPGRADE_WEBSOCKET
         return rid, b"".join(out)
 
     @staticmethod

@@ -40,6 +40,8 @@ class HttpListenerStats:
     queued_total: int = 0
     queue_timeouts_total: int = 0  # waited queue_timeout: 503
     queue_full_total: int = 0  # maxqueue already waiting: 503 at once
+    tunnels_active: int = 0  # WebSocket connections relayed as byte tunnels right now (after a 101)
+    tunnels_total: int = 0
 
     def count_response(self, status: int) -> None:
         key = _STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
@@ -72,6 +74,8 @@ class HttpListenerStats:
             "queued_total": self.queued_total,
             "queue_timeouts_total": self.queue_timeouts_total,
             "queue_full_total": self.queue_full_total,
+            "tunnels_active": self.tunnels_active,
+            "tunnels_total": self.tunnels_total,
         }
 
 
