@@ -100,9 +100,11 @@ _REQUEST_SPECIAL = re.compile(
     rb"|x-forwarded-for|x-forwarded-proto|x-request-id):([^\r]*)",
     re.IGNORECASE,
 )
+# A response's field block is split around these lines (`split` keeps the two groups): one C-speed pass
+# gives both the values the parser reads and the block without the lines the proxy drops or rewrites.
 _RESPONSE_SPECIAL = re.compile(
     rb"\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te|upgrade|x-request-id)"
-    rb":([^\r]*)",
+    rb":([^\r]*+)",
     re.IGNORECASE,
 )
 # A valid request line (method token, printable target, HTTP/d.d); anything else takes the slow path,
@@ -217,7 +219,9 @@ class RequestHead:
 
 
 class ResponseHead:
-    """A parsed response head (see RequestHead for `headers`, `raw`, `fields_start` and `special`)."""
+    """A parsed response head (see RequestHead for `headers`, `raw` and `fields_start`). `special`: the
+    (lower-cased name, value) of the fields the proxy acts on (framing, hop-by-hop, X-Request-ID), in order;
+    `kept`: the field block without those lines (each line led by CRLF, the block ending with one)."""
 
     __slots__ = (
         "_headers",
@@ -226,6 +230,7 @@ class ResponseHead:
         "content_length",
         "fields_start",
         "keep_alive",
+        "kept",
         "raw",
         "reason",
         "special",
@@ -247,7 +252,8 @@ class ResponseHead:
         connection_tokens: frozenset[bytes] = frozenset(),
         raw: bytes = b"",
         fields_start: int = 0,
-        special: list[Special] | None = None,
+        special: list[tuple[bytes, bytes]] | None = None,
+        kept: bytes = b"\r\n",
     ) -> None:
         self.version = version
         self.status = status
@@ -261,6 +267,7 @@ class ResponseHead:
         self.raw = raw
         self.fields_start = fields_start
         self.special = special if special is not None else []
+        self.kept = kept
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -503,11 +510,15 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
     if not 100 <= status <= 599:
         raise _bad("invalid response status", "bad_response", 502)
     fields_start = m.end()
-    special = _specials(_RESPONSE_SPECIAL, raw, fields_start - 2)
+    parts = _RESPONSE_SPECIAL.split(raw[fields_start - 2 : -2])  # [kept, name, value, kept, ...]
+    special: list[tuple[bytes, bytes]] = []
     content_length: int | None = None
     codings: list[bytes] = []
     tokens: list[bytes] = []
-    for lname, value, _, _ in special:
+    for i in range(1, len(parts), 3):
+        lname = parts[i].lower()
+        value = parts[i + 1].strip(b" \t")
+        special.append((lname, value))
         if lname == _CONTENT_LENGTH:
             content_length = _content_length(value, content_length, 502)
         elif lname == _TRANSFER_ENCODING:
@@ -516,6 +527,7 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
                 raise _bad("empty Transfer-Encoding", "bad_response", 502)
         elif lname == _CONNECTION:
             tokens += _tokens(value)
+    kept = parts[0] if len(parts) == 1 else b"".join(parts[0::3])
     connection = frozenset(tokens) if tokens else _NO_TOKENS
     if minor == 1:
         keep_alive = b"close" not in connection
@@ -541,6 +553,7 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
         raw,
         fields_start,
         special,
+        kept,
     )
 
 

@@ -162,7 +162,7 @@ def _websocket_upgrade(req: RequestHead) -> bool:
 
 def _switches_to_websocket(resp: ResponseHead) -> bool:
     """A 101 that switches to WebSocket (`Connection: Upgrade`, `Upgrade: websocket`)."""
-    upgrades = [value for lname, value, _, _ in resp.special if lname == b"upgrade"]
+    upgrades = [value for lname, value in resp.special if lname == b"upgrade"]
     return b"upgrade" in resp.connection_tokens and len(upgrades) == 1 and upgrades[0].lower() == b"websocket"
 
 
@@ -1289,24 +1289,22 @@ class HttpConnection(Channel):
     def _response_head(
         resp: ResponseHead, rid: bytes, keep: bool, minor: int, *, interim: bool = False
     ) -> bytes:
-        """The head sent to the client: the backend's field lines copied as slices of its raw head, except
-        the hop-by-hop and rewritten ones (`resp.special`), then Content-Length, X-Request-ID, Connection."""
-        raw = resp.raw
+        """The head sent to the client: the backend's field lines as they came (`resp.kept`), except the
+        hop-by-hop and rewritten ones, then Transfer-Encoding, Content-Length, X-Request-ID, Connection."""
         tokens = resp.connection_tokens
-        out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason)]
         if tokens and not tokens <= _PLAIN_CONNECTION_TOKENS:
+            out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason)]
             for name, value in resp.headers:
                 lname = name.lower()
                 if lname in _RESP_DROP or lname in tokens:
                     continue
                 out += (name, b": ", value, b"\r\n")
         else:
-            pos = resp.fields_start
-            for lname, _value, start, end in resp.special:
-                if lname in _RESP_DROP:
-                    out.append(raw[pos:start])
-                    pos = end
-            out.append(raw[pos:-2])
+            out = [b"HTTP/1.1 %d %s" % (resp.status, resp.reason), resp.kept]
+            if resp.chunked or resp.te_other:  # the body passes unchanged, and so does its framing
+                for lname, value in resp.special:
+                    if lname == b"transfer-encoding":
+                        out += (b"Transfer-Encoding: ", value, b"\r\n")
         if interim:
             out.append(b"\r\n")
             return b"".join(out)
