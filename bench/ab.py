@@ -7,10 +7,11 @@ How this works: one nginx (the backend, on `--client-cpu`) and one halb node per
 the `halb/` of the current directory, whatever `PYTHONPATH` says). Then `--rounds` times, for each tree in
 turn: a 1 s wrk warm-up and a `--duration` s wrk run of `--pattern` (keep-alive or new-conn) against its
 HTTP listener (`--mode tcp`: its TCP listener; `--mode https`: an HTTP listener with `tls`, a throw-away
-ECDSA P-256 certificate, wrk speaking TLS). It prints each tree's runs and their median. Alternating
-the trees round by round is what makes small differences visible on a machine whose speed drifts: the
-absolute figures move by about ±5% between runs here, the order of two trees measured side by side much
-less.
+ECDSA P-256 certificate, wrk speaking TLS; `--access-log N`: the N-th tree writes an access log, so
+`python bench/ab.py . . --access-log 1` measures what logging costs). It prints each tree's runs and
+their median. Alternating the trees round by round is what makes small differences visible on a machine
+whose speed drifts: the absolute figures move by about ±5% between runs here, the order of two trees
+measured side by side much less.
 
 Usage: `python bench/ab.py /tmp/before /path/to/halb --pattern keep-alive --rounds 3`
 (`git worktree add /tmp/before HEAD~1` makes a tree of the previous commit). Every process it starts is
@@ -58,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("trees", nargs="+", help="checkouts of halb to compare (directories with halb/)")
     parser.add_argument("--pattern", default="keep-alive", choices=("keep-alive", "new-conn"))
     parser.add_argument("--mode", default="http", choices=("http", "tcp", "https"))
+    parser.add_argument(
+        "--access-log",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="the N-th tree (from 0) writes an access log (to a file in its temporary directory)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=64)
@@ -82,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 node_dir.mkdir()
                 os.environ["PYTHONPATH"] = str(tree)
                 extra, https_port = https_listener(node_dir) if args.mode == "https" else ("", 0)
-                _, http_port, tcp_port, _ = start_halb(procs, node_dir, args.proxy_cpu, backend_port, extra)
+                node_extra = f'access_log = "{node_dir / "access.log"}"' if i in args.access_log else ""
+                _, http_port, tcp_port, _ = start_halb(
+                    procs, node_dir, args.proxy_cpu, backend_port, extra, node_extra
+                )
                 ports.append({"http": http_port, "tcp": tcp_port, "https": https_port}[args.mode])
             os.environ.clear()
             os.environ.update(saved_env)
@@ -103,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             procs.close()
     what = f"{args.mode} {args.pattern}, {args.rounds} rounds of {args.duration:g} s"
     print(f"{what}, {args.connections} connections")
-    for tree, runs in zip(trees, results, strict=True):
+    for i, (tree, runs) in enumerate(zip(trees, results, strict=True)):
         runs_text = ", ".join(f"{r:,.0f}" for r in runs)
-        print(f"{statistics.median(runs):>10,.0f} req/s (median)  {tree}  [{runs_text}]")
+        logging = "  (access log on)" if i in args.access_log else ""
+        print(f"{statistics.median(runs):>10,.0f} req/s (median)  {tree}{logging}  [{runs_text}]")
     return 0
 
 

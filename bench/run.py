@@ -203,13 +203,16 @@ backend be_tcp
 """
 
 
-def halb_conf(admin_port: int, http_port: int, tcp_port: int, backend_port: int, extra: str = "") -> str:
-    """`extra`: more TOML (another `[[listeners]]`) before the pool."""
+def halb_conf(
+    admin_port: int, http_port: int, tcp_port: int, backend_port: int, extra: str = "", node_extra: str = ""
+) -> str:
+    """`extra`: more TOML (another `[[listeners]]`) before the pool; `node_extra`: more `[node]` keys."""
     return f"""
 [node]
 name = "bench"
 admin = "127.0.0.1:{admin_port}"
 workers = 1
+{node_extra}
 
 [[listeners]]
 name = "http"
@@ -344,11 +347,12 @@ def start_nginx(procs: Processes, tmp: Path, cpu: int) -> int:
 
 
 def start_halb(
-    procs: Processes, tmp: Path, cpu: int, backend_port: int, extra: str = ""
+    procs: Processes, tmp: Path, cpu: int, backend_port: int, extra: str = "", node_extra: str = ""
 ) -> tuple[subprocess.Popen[bytes], int, int, int]:
     """One halb node (`halb_conf`) pinned to `cpu`, up and healthy: -> (process, http, tcp, admin port)."""
     http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
-    (tmp / "halb.toml").write_text(halb_conf(admin_port, http_port, tcp_port, backend_port, extra))
+    conf = halb_conf(admin_port, http_port, tcp_port, backend_port, extra, node_extra)
+    (tmp / "halb.toml").write_text(conf)
     halb = procs.start(
         "halb", ["taskset", "-c", str(cpu), sys.executable, "-m", "halb", "serve", str(tmp / "halb.toml")]
     )

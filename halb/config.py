@@ -178,9 +178,25 @@ def _node(r: Reader) -> NodeConfig:
         workers=r.int("workers", 1, lo=1, hi=64),
         drain_timeout=r.float("drain_timeout", 10.0, lo=0),
         maxconn=r.int("maxconn", 0, lo=0, hi=10_000_000),
+        access_log=_access_log(r),
     )
     r.done()
     return node
+
+
+def _access_log(r: Reader) -> str:
+    """`access_log`: "" (none), "-" (standard output) or an absolute path in an existing directory."""
+    path = r.str("access_log", "")
+    if path in ("", "-"):
+        return path
+    if not os.path.isabs(path):
+        r.fail("access_log", f'must be an absolute path or "-", got {path!r}')
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        r.fail("access_log", f"directory {directory} does not exist")
+    if os.path.isdir(path):
+        r.fail("access_log", f"{path} is a directory")
+    return path
 
 
 def _listener(r: Reader) -> ListenerConfig:

@@ -26,6 +26,9 @@ class NodeConfig:
     # HAProxy's global maxconn: client connections of the whole node (each worker takes its share,
     # rounded up). 0 = automatic: what the open-file limit allows (each connection needs 2 descriptors).
     maxconn: int = 0
+    # One line per HTTP request / TCP connection (halb.proxy.access_log): an absolute file path, "-" for
+    # standard output, "" for none. Reopened on SIGHUP (logrotate).
+    access_log: str = ""
 
 
 @dataclass(frozen=True)

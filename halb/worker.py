@@ -44,6 +44,7 @@ def _die_with_parent() -> None:
 
 class Worker:
     def __init__(self, index: int, config: Config, writer: asyncio.StreamWriter) -> None:
+        from halb.proxy.access_log import AccessLog
         from halb.proxy.server import ProxyServer
         from halb.proxy.sessions_hook import StateRuntime
 
@@ -55,12 +56,15 @@ class Worker:
             pool.on_connect_failure = self._make_failure_reporter(pool.name)
         # [state]/[ratelimits]: this worker's one store (Redis) and its rate limiters / sticky pools.
         self.state = StateRuntime(config)
+        # One line per request / connection; every worker appends to the same file (O_APPEND).
+        self.access_log = AccessLog(config.node.access_log) if config.node.access_log else None
         self.server = ProxyServer(
             list(config.listeners),
             self.pools,
             maxconn=config.node.maxconn,
             workers=config.node.workers,
             state=self.state if self.state.active else None,
+            access_log=self.access_log,
         )
         self.draining = asyncio.Event()
 
@@ -85,7 +89,10 @@ class Worker:
         return message
 
     def reload_tls(self) -> None:
-        """SIGHUP (relayed by the control process): new TLS certificates for new connections."""
+        """SIGHUP (relayed by the control process): new TLS certificates for new connections, and the
+        access log opened again (logrotate moved it away)."""
+        if self.access_log is not None:
+            self.access_log.reopen()
         for name, ok in self.server.reload_tls().items():
             log.warning(
                 "worker %d: listener %s: TLS certificate %s",
@@ -149,6 +156,8 @@ async def _serve(fd: int, index: int) -> int:
     worker.server.stop_accepting()
     await worker.server.drain(config.node.drain_timeout)
     await worker.server.close()
+    if worker.access_log is not None:
+        worker.access_log.close()  # (the lines still waiting go out)
     await worker.state.aclose()  # the store is closed after the last request drained
     with contextlib.suppress(Exception):
         ipc.send(writer, worker.stats_message())

@@ -53,6 +53,7 @@ from halb.balancing.base import Context
 from halb.config_model import ListenerConfig
 from halb.errors import ProtocolError
 from halb.pool import Pool
+from halb.proxy.access_log import AccessLog
 from halb.proxy.channel import Channel
 from halb.proxy.flush import close_after_flush, write_eof_after_flush
 from halb.proxy.http_codec import (
@@ -189,9 +190,11 @@ class HttpListener:
         queue: BackendQueue | None = None,
         tls: TlsTerminator | None = None,
         sessions: ListenerHook | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions  # [state] hook: rate limits + sticky sessions (halb.proxy.sessions_hook)
+        self.access_log = access_log  # one line per request (halb.proxy.access_log)
         self.pool = pool
         self.upstream = upstream
         self.tls = tls
@@ -310,6 +313,15 @@ class HttpConnection(Channel):
         self._pump_sent = 0
         self._pump_done_at: float | None = None
         self._t0 = 0.0  # when the current request's head was parsed
+        self.client_port = 0
+        # For the access log line of the current request: its head, the backend that got it, the status
+        # and bytes sent to the client, and when the response head came (-1: not yet / never).
+        self._logreq: RequestHead | None = None
+        self._logrid = b""
+        self._logbackend: Backend | None = None
+        self._log_status = -1
+        self._log_bytes = 0
+        self._log_tr = -1.0
         self.sticky: RequestSticky | None = None  # [state] hook: this request's sticky session, if any
         self._parked = False  # no task reads the buffer (none yet, or it waits): callbacks serve
         self._inline: _Inline | None = None  # the request the callbacks are serving
@@ -323,6 +335,7 @@ class HttpConnection(Channel):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""
+        self.client_port = int(peer[1]) if peer else 0
         self.client_ip_bytes = self.client_ip.encode()
         listener = self.listener
         if not self.admitted:
@@ -382,6 +395,8 @@ class HttpConnection(Channel):
                     self.listener.stats.client_aborts_total += 1
                 if self._inline is not None:
                     self._abandon_inline()
+                    if self.listener.access_log is not None:
+                        self._log_request()
                 self.listener.connection_done(self)
             return
         if not self.finished and not task.done():
@@ -405,6 +420,8 @@ class HttpConnection(Channel):
                 first = False
                 inline, self._inline = self._inline, None
                 keep = await (self._exchange(head) if inline is None else self._resume(inline))
+                if listener.access_log is not None:
+                    self._log_request()
                 if not keep or listener.draining:
                     break
         except ProtocolError as exc:
@@ -422,6 +439,8 @@ class HttpConnection(Channel):
             self.finished = True
             if self._inline is not None:
                 self._abandon_inline()
+            if listener.access_log is not None and (self._logreq is not None or self._log_status >= 0):
+                self._log_request()  # a bad request (its error status), or one the client abandoned (-1)
             self._close_client()
             listener.connection_done(self)
 
@@ -573,7 +592,9 @@ class HttpConnection(Channel):
             return
         stats.requests_total += 1
         self._method = req.method
+        self._logreq = req
         inline.rid, inline.out_head = self._request_head(req)
+        self._logrid = inline.rid
         inline.framer = framer
         self._t0 = now = self.loop.time()
         inline.ctx = ctx = Context(self.client_ip, listener.hash_key(req) if listener.keyed else "", now)
@@ -669,6 +690,10 @@ class HttpConnection(Channel):
             stats.inline_total += 1
             status = resp.status
             stats.responses["2xx" if 200 <= status < 300 else _status_class(status)] += 1
+            if listener.access_log is not None:
+                self._log_status, self._log_bytes, self._log_tr = status, len(out), now - self._t0
+                self._logbackend = backend
+                self._log_request()
         backend.on_connection_closed()
         if resp.keep_alive and not up.buf and not up.eof and not up.closed:
             listener.upstream.release(backend, up, now)
@@ -734,6 +759,7 @@ class HttpConnection(Channel):
         inline, self._inline = self._inline, None
         if inline is None or inline.up is None or inline.backend is None:
             return
+        self._logbackend = inline.backend  # (for the access log line of the abandoned request)
         up = inline.up
         up.on_ready = None
         up.abort()
@@ -749,7 +775,9 @@ class HttpConnection(Channel):
         pool = listener.pool
         stats.requests_total += 1
         self._method = req.method
+        self._logreq = req
         rid, out_head = self._request_head(req)
+        self._logrid = rid
         framer = request_framer(req)
         initial: bytes | bytearray = b""
         if not framer.done and self.buf:
@@ -860,6 +888,7 @@ class HttpConnection(Channel):
                     )
                 backend, up, reused = got
                 self.upstream_channel = up
+                self._logbackend = backend
                 if self.sticky is not None and listener.sessions is not None:  # [state] hook: mapping follows
                     listener.sessions.rehomed(self, backend)
                 try:
@@ -1035,7 +1064,8 @@ class HttpConnection(Channel):
                         framer.done,
                     )
 
-            backend.on_response(loop.time() - t0)  # (t0: when the request head arrived)
+            self._log_tr = loop.time() - t0  # (t0: when the request head arrived)
+            backend.on_response(self._log_tr)
             rframer = response_framer(req.method, resp)
             keep = (
                 req.keep_alive
@@ -1066,7 +1096,7 @@ class HttpConnection(Channel):
                         self.write(head)
                         head = body
             self.write(head)
-            status = resp.status
+            status = self._log_status = resp.status
             stats.responses["2xx" if 200 <= status < 300 else _status_class(status)] += 1
 
             # --- the response body
@@ -1105,6 +1135,7 @@ class HttpConnection(Channel):
                 return False
             finally:
                 stats.bytes_out += out_bytes
+                self._log_bytes = out_bytes
 
             if not framer.done or (pump is not None and _pump_error(pump) is not None):
                 # The request body was not read to its end: the client stream is out of sync.
@@ -1146,6 +1177,7 @@ class HttpConnection(Channel):
         self.write(head)
         stats.bytes_out += len(head)
         stats.count_response(101)
+        self._log_status = 101
         stats.tunnels_total += 1
         stats.tunnels_active += 1
         try:
@@ -1158,6 +1190,7 @@ class HttpConnection(Channel):
             stats.tunnels_active -= 1
             stats.bytes_in += moved.up
             stats.bytes_out += moved.down
+            self._log_bytes = len(head) + moved.down
         if up.transport is not None:
             up.transport.close()
         return True
@@ -1320,6 +1353,32 @@ class HttpConnection(Channel):
             out.append(b"\r\n")
         return b"".join(out)
 
+    def _log_request(self) -> None:
+        """Write the access log line of the request that just ended (halb.proxy.access_log), and forget it."""
+        access_log = self.listener.access_log
+        req, backend = self._logreq, self._logbackend
+        if access_log is not None:
+            listener = self.listener
+            ta = self.loop.time() - self._t0 if req is not None else 0.0
+            access_log.http(
+                self.client_ip,
+                self.client_port,
+                listener.config.name,
+                listener.pool.name,
+                backend.name if backend is not None else "-",
+                self._log_tr,
+                ta,
+                self._log_status,
+                self._log_bytes,
+                b"%s %s HTTP/1.%d" % (req.method, req.target, req.minor) if req is not None else None,
+                self._logrid,
+            )
+        self._logreq = self._logbackend = None
+        self._logrid = b""
+        self._log_status = -1
+        self._log_bytes = 0
+        self._log_tr = -1.0
+
     def _fail(
         self, status: int, message: str, req: RequestHead, rid: bytes, body_done: bool, extra: bytes = b""
     ) -> bool:
@@ -1366,6 +1425,8 @@ class HttpConnection(Channel):
         stats = self.listener.stats
         stats.count_response(status)
         stats.bytes_out += len(data)
+        self._log_status = status
+        self._log_bytes = len(data)
 
 
 def _status_class(status: int) -> str:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from halb.config_model import ListenerConfig
 from halb.pool import Pool
+from halb.proxy.access_log import AccessLog
 from halb.proxy.http_proxy import HttpListener
 from halb.proxy.limits import ListenerGate, NodeGate, automatic_maxconn, make_backend_queue, share
 from halb.proxy.tcp_proxy import TcpListener
@@ -55,6 +56,7 @@ class ProxyServer:
         maxconn: int = 0,
         workers: int = 1,
         state: StateRuntime | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         for listener in listeners:
             if listener.pool not in pools:
@@ -64,6 +66,7 @@ class ProxyServer:
         self.listeners = list(listeners)
         self.pools = pools
         self.state = state  # [state]/[ratelimits]: per-listener hooks (halb.proxy.sessions_hook)
+        self.access_log = access_log  # one line per request / connection (halb.proxy.access_log)
         self.upstream = UpstreamPool(
             idle_timeout=upstream_idle_timeout, max_idle_per_backend=upstream_max_idle
         )
@@ -108,10 +111,17 @@ class ProxyServer:
                         queue=queues[config.pool],
                         tls=tls,
                         sessions=hook,
+                        access_log=self.access_log,
                     )
                 else:
                     handler = TcpListener(
-                        config, pool, loop=loop, gate=gate, queue=queues[config.pool], tls=tls
+                        config,
+                        pool,
+                        loop=loop,
+                        gate=gate,
+                        queue=queues[config.pool],
+                        tls=tls,
+                        access_log=self.access_log,
                     )
                 sock = await _bind(config, loop)
                 server: asyncio.AbstractServer | TlsAcceptor

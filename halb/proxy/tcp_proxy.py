@@ -25,6 +25,7 @@ from halb.backend import Backend
 from halb.balancing.base import Context
 from halb.config_model import ListenerConfig
 from halb.pool import Pool
+from halb.proxy.access_log import AccessLog
 from halb.proxy.flush import close_after_flush, write_eof_after_flush
 from halb.proxy.limits import BackendQueue, ListenerGate, NodeGate, QueueFull, QueueTimeout
 from halb.proxy.stats import TcpListenerStats
@@ -46,9 +47,11 @@ class TcpListener:
         gate: ListenerGate | None = None,
         queue: BackendQueue | None = None,
         tls: TlsTerminator | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
+        self.access_log = access_log  # one line per connection (halb.proxy.access_log)
         self.loop = loop or asyncio.get_running_loop()
         self.stats = TcpListenerStats()
         self.gate = gate or ListenerGate(NodeGate(0), config.maxconn, config.maxconn_per_ip)
@@ -59,7 +62,9 @@ class TcpListener:
         self._idle_waiters: list[asyncio.Future[None]] = []
         # The client address is only looked up (a getpeername call) when something needs it.
         self.needs_client_ip = bool(
-            config.maxconn_per_ip or pool.config.algorithm in ("ip_hash", "consistent_hash")
+            config.maxconn_per_ip
+            or pool.config.algorithm in ("ip_hash", "consistent_hash")
+            or access_log is not None
         )
 
     def protocol_factory(self) -> asyncio.Protocol:
@@ -93,7 +98,7 @@ class TcpListener:
                 session.idle_since = now
             elif now - session.idle_since >= timeout:
                 self.stats.idle_timeouts_total += 1
-                session.finish(abort=True)
+                session.finish(abort=True, end="idle_timeout")
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -113,7 +118,7 @@ class TcpListener:
 
     def close_all(self) -> None:
         for session in list(self.sessions):
-            session.finish(abort=True)
+            session.finish(abort=True, end="shutdown")
 
     @property
     def buffered_bytes(self) -> int:
@@ -135,6 +140,7 @@ class TcpSession(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None
         self.backend: Backend | None = None
         self.client_ip = ""
+        self.client_port = 0
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
@@ -144,6 +150,7 @@ class TcpSession(asyncio.Protocol):
         self.bytes_down = 0  # backend -> client
         self.seen_bytes = 0
         self.idle_since = 0.0
+        self.accepted = 0.0
         self.started = 0.0
         self._flushed_up = 0
         self._flushed_down = 0
@@ -161,6 +168,7 @@ class TcpSession(asyncio.Protocol):
         if listener.needs_client_ip:
             peer = transport.get_extra_info("peername")
             self.client_ip = str(peer[0]) if peer else ""
+            self.client_port = int(peer[1]) if peer else 0
         if not self.admitted:
             reason = listener.gate.admit(self.client_ip)
             if reason:
@@ -172,7 +180,7 @@ class TcpSession(asyncio.Protocol):
         listener.sessions.add(self)
         listener.stats.connections_active += 1
         listener.stats.connections_total += 1
-        self.started = self.idle_since = self.loop.time()
+        self.accepted = self.started = self.idle_since = self.loop.time()
         self.connect_task = self.loop.create_task(self._connect())
 
     def data_received(self, data: bytes) -> None:
@@ -205,7 +213,7 @@ class TcpSession(asyncio.Protocol):
             self.upstream.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.finish(abort=exc is not None)
+        self.finish(abort=exc is not None, end="client_reset" if exc is not None else "-")
 
     # --- backend side (called by _UpstreamSide) ------------------------------------------------------
     def on_upstream_connected(self, transport: asyncio.Transport) -> None:
@@ -256,7 +264,7 @@ class TcpSession(asyncio.Protocol):
         if backend is None:
             stats.no_backend_total += 1
             log.debug("no backend in pool %s for %s", pool.name, self.client_ip)
-            self.finish()
+            self.finish(end="no_backend")
             return
         tried: list[Backend] = []
         while True:
@@ -282,7 +290,7 @@ class TcpSession(asyncio.Protocol):
                 if len(tried) <= config.retries:
                     nxt = pool.choose(ctx, tried) if queue is None else queue.choose_now(ctx, tried)
                 if nxt is None or self.closed:
-                    self.finish()
+                    self.finish(end="connect_failed")
                     return
                 stats.retries_total += 1
                 backend = nxt
@@ -311,13 +319,15 @@ class TcpSession(asyncio.Protocol):
             return await queue.choose(ctx)
         except QueueFull:
             stats.queue_full_total += 1
+            end = "queue_full"
         except QueueTimeout:
             stats.queue_timeouts_total += 1
+            end = "queue_timeout"
         finally:
             stats.queued -= 1
             if queue.queued_total != before:
                 stats.queued_total += 1
-        self.finish()
+        self.finish(end=end)
         return None
 
     def _slot_freed(self, backend: Backend) -> None:
@@ -326,8 +336,9 @@ class TcpSession(asyncio.Protocol):
         if queue is not None:
             queue.slot_freed(backend)
 
-    def finish(self, abort: bool = False) -> None:
-        """End the session: close both connections (flushing, or aborting on errors), report stats."""
+    def finish(self, abort: bool = False, end: str = "-") -> None:
+        """End the session: close both connections (flushing, or aborting on errors), report stats and
+        the access log line (`end`: how it ended, see halb.proxy.access_log)."""
         if self.closed:
             return
         self.closed = True
@@ -347,7 +358,22 @@ class TcpSession(asyncio.Protocol):
             backend.on_response(now - self.started)
             self.backend = None
             self._slot_freed(backend)
-        self.listener.session_done(self)
+        listener = self.listener
+        if listener.access_log is not None and self.client is not None:
+            now = self.loop.time()
+            listener.access_log.tcp(
+                self.client_ip,
+                self.client_port,
+                listener.config.name,
+                listener.pool.name,
+                backend.name if backend is not None else "-",
+                self.started - self.accepted if backend is not None else -1.0,
+                now - self.accepted,
+                self.bytes_up,
+                self.bytes_down,
+                end,
+            )
+        listener.session_done(self)
 
     def flush_bytes(self, now: float) -> None:
         up = self.bytes_up - self._flushed_up
@@ -394,7 +420,7 @@ class _UpstreamSide(asyncio.Protocol):
         self.session.on_upstream_resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.session.finish(abort=exc is not None)
+        self.session.finish(abort=exc is not None, end="backend_reset" if exc is not None else "-")
 
 
 def _connect_timed_out(task: asyncio.Task[None] | None) -> None:

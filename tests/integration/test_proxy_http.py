@@ -17,6 +17,7 @@ import pytest
 from halb.backend import Backend
 from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig
 from halb.pool import Pool
+from halb.proxy.access_log import AccessLog
 from halb.proxy.http_codec import parse_request_head
 from halb.proxy.http_proxy import HttpListener
 from halb.proxy.server import ProxyServer
@@ -275,9 +276,11 @@ def make_pool(ports: list[int], **pool_kw: Any) -> Pool:
 
 
 @contextlib.asynccontextmanager
-async def proxy(pool: Pool, **listener_kw: Any) -> AsyncIterator[tuple[ProxyServer, tuple[str, int]]]:
+async def proxy(
+    pool: Pool, access_log: AccessLog | None = None, **listener_kw: Any
+) -> AsyncIterator[tuple[ProxyServer, tuple[str, int]]]:
     listener = ListenerConfig(name="web", bind=HostPort("127.0.0.1", 0), pool="app", **listener_kw)
-    server = ProxyServer([listener], {"app": pool})
+    server = ProxyServer([listener], {"app": pool}, access_log=access_log)
     await server.start()
     try:
         yield server, server.address("web")

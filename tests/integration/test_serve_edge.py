@@ -18,13 +18,14 @@ from tests.integration.test_serve import status, wait_for
 pytestmark = pytest.mark.integration
 
 
-def config(admin: int, listen: int, backend: int, listener: str = "", pool: str = "") -> str:
+def config(admin: int, listen: int, backend: int, listener: str = "", pool: str = "", node: str = "") -> str:
     return f"""
 [node]
 name = "edge"
 admin = "127.0.0.1:{admin}"
 workers = 1
 drain_timeout = 2.0
+{node}
 
 [[listeners]]
 name = "web"
@@ -219,3 +220,52 @@ def test_tls_listener_reloads_its_certificate_on_sighup(processes: Processes, tm
         assert 'halb_listener_tls_handshake_failures_total{listener="web",node="edge"} 1.0' in metrics(admin)
     finally:
         kept.close()
+
+
+def test_access_log_is_written_by_every_worker_and_reopened_on_sighup(
+    processes: Processes, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "access.log"
+    backend, admin, listen = free_port(), free_port(), free_port()
+    processes.backend("web1", backend)
+    text = config(admin, listen, backend, node=f'access_log = "{log_path}"')
+    node = processes.node(text.replace("workers = 1", "workers = 2"), admin)
+
+    def get(path: str) -> bytes:
+        return exchange(listen, f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+
+    def logged(path: Path) -> list[str]:
+        return path.read_text().splitlines() if path.exists() else []
+
+    for i in range(6):  # spread over both workers by the kernel (SO_REUSEPORT)
+        assert get(f"/before/{i}").startswith(b"HTTP/1.1 200 ")
+    wait_for(lambda: len(logged(log_path)) == 6, timeout=5)  # written within a second
+    assert all(" web app/web1 " in line and '"GET /before/' in line for line in logged(log_path))
+
+    rotated = tmp_path / "access.log.1"
+    log_path.rename(rotated)  # logrotate, then its postrotate: kill -HUP
+    os.kill(node.pid, signal.SIGHUP)
+
+    def both_workers_reopened() -> bool:
+        with open(f"/proc/{node.pid}/task/{node.pid}/children") as f:
+            workers = f.read().split()
+        return len(workers) == 2 and all(writes_to(pid, log_path) for pid in workers)
+
+    wait_for(both_workers_reopened, timeout=5)
+    for i in range(4):
+        assert get(f"/after/{i}").startswith(b"HTTP/1.1 200 ")
+    wait_for(lambda: len(logged(log_path)) == 4, timeout=5)
+    assert all('"GET /after/' in line for line in logged(log_path))
+    assert len(logged(rotated)) == 6
+
+
+def writes_to(pid: str, path: Path) -> bool:
+    """Process `pid` has `path` open (its current inode: a renamed file shows under its new name)."""
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(f"{fd_dir}/{fd}") == str(path):
+                return True
+        except OSError:
+            continue
+    return False

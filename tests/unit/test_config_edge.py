@@ -111,3 +111,25 @@ def test_tls_errors_name_the_key(tmp_path: Path) -> None:
     assert "listeners[0].tls.ciphers: " in tls(f'cert = "{cert}", key = "{key}", ciphers = "NOPE"')
     assert "listeners[0].tls.extra: unknown key" in tls(f'cert = "{cert}", key = "{key}", extra = 1')
     assert other_cert.exists()
+
+
+def test_access_log_and_tunnel_timeout_keys(tmp_path: Path) -> None:
+    cfg = load(config(tmp_path))
+    assert (cfg.node.access_log, cfg.listeners[0].tunnel_timeout) == ("", 3600.0)
+    log_path = tmp_path / "access.log"
+    cfg = load(config(tmp_path, node=f'access_log = "{log_path}"', listener="tunnel_timeout = 30"))
+    assert (cfg.node.access_log, cfg.listeners[0].tunnel_timeout) == (str(log_path), 30.0)
+    assert load(config(tmp_path, node='access_log = "-"')).node.access_log == "-"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('"access.log"', 'must be an absolute path or "-"'),
+        ('"/nonexistent-dir/access.log"', "directory /nonexistent-dir does not exist"),
+        ("1", "expected a string"),
+    ],
+)
+def test_access_log_errors_name_the_key(tmp_path: Path, value: str, problem: str) -> None:
+    message = error(config(tmp_path, node=f"access_log = {value}"))
+    assert "halb.toml: node.access_log: " in message and problem in message
