@@ -366,6 +366,7 @@ def _pool(name: str, r: Reader) -> PoolConfig:
         maxqueue=r.int("maxqueue", 1024, lo=0, hi=10_000_000),
         queue_timeout=r.float("queue_timeout", lo=0.001) if r.has("queue_timeout") else None,
         sticky=parse_sticky(r.sub("sticky")),
+        send_proxy=r.str("send_proxy", "", choices=("", "v1", "v2")),
     )
     r.done()
     return pool
@@ -606,6 +607,12 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
             lr.fail("pool", f"no pool named {listener.pool!r} (pools: {known})")
         if listener.bind == node.admin:
             lr.fail("bind", f"{listener.bind} is also node.admin")
+        if listener.mode == "http" and pools[listener.pool].send_proxy:
+            lr.fail(
+                "pool",
+                f"pool {listener.pool!r} has send_proxy, which only TCP listeners can use "
+                "(an HTTP listener tells its backends in X-Forwarded-For)",
+            )
         if cluster is not None and listener.bind == cluster.address:
             lr.fail("bind", f"{listener.bind} is also cluster.address")
         names.add(listener.name)

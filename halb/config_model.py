@@ -135,6 +135,9 @@ class PoolConfig:
     maxqueue: int = 1024
     queue_timeout: float | None = None
     sticky: StickyConfig | None = None  # sticky sessions (HTTP listeners; needs [state])
+    # PROXY protocol header ("v1" | "v2") first on every backend connection (HAProxy's send-proxy);
+    # "" = none. TCP listeners only (HTTP tells backends in X-Forwarded-For).
+    send_proxy: str = ""
 
     @property
     def effective_queue_timeout(self) -> float:

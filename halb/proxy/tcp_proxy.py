@@ -28,6 +28,7 @@ from halb.pool import Pool
 from halb.proxy.access_log import AccessLog
 from halb.proxy.flush import close_after_flush, write_eof_after_flush
 from halb.proxy.limits import BackendQueue, ListenerGate, NodeGate, QueueFull, QueueTimeout
+from halb.proxy.proxy_protocol import proxy_header
 from halb.proxy.stats import TcpListenerStats
 from halb.proxy.tls import TlsTerminator
 
@@ -65,6 +66,7 @@ class TcpListener:
             config.maxconn_per_ip
             or pool.config.algorithm in ("ip_hash", "consistent_hash")
             or access_log is not None
+            or pool.config.send_proxy
         )
 
     def protocol_factory(self) -> asyncio.Protocol:
@@ -217,8 +219,13 @@ class TcpSession(asyncio.Protocol):
 
     # --- backend side (called by _UpstreamSide) ------------------------------------------------------
     def on_upstream_connected(self, transport: asyncio.Transport) -> None:
-        """The backend connection is up: from now on client bytes go straight to it, in order."""
+        """The backend connection is up: from now on client bytes go straight to it, in order (after the
+        PROXY protocol header, when the pool sends one)."""
         self.upstream = transport
+        version = self.listener.pool.config.send_proxy
+        if version and self.client is not None:
+            local = self.client.get_extra_info("sockname")
+            transport.write(proxy_header(version, (self.client_ip, self.client_port), local[:2]))
         for data in self._pending:
             transport.write(data)
         self._pending.clear()

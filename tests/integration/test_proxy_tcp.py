@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig
 from halb.pool import Pool
+from halb.proxy.proxy_protocol import V2_SIGNATURE
 from halb.proxy.server import ProxyServer
 
 pytestmark = pytest.mark.timeout(10)
@@ -338,5 +340,39 @@ def test_drain_waits_for_tcp_sessions() -> None:
             writer.close()
             assert await drain is True
             assert await server.drain(0.1) is True
+
+    run(main)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_send_proxy_tells_the_backend_who_the_client_is(version: str) -> None:
+    """With `send_proxy`, the backend reads a PROXY protocol header naming the client's address and port
+    and the listener's, before the client's first byte (here it answers with what it parsed)."""
+
+    async def parse_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if version == "v1":
+            line = await reader.readuntil(b"\r\n")
+            _, family, src, dst, sport, dport = line.decode().split()
+        else:
+            fixed = await reader.readexactly(16)
+            assert fixed[:12] == V2_SIGNATURE and fixed[12] == 0x21 and fixed[13] == 0x11
+            body = await reader.readexactly(struct.unpack("!H", fixed[14:16])[0])
+            family = "TCP4"
+            src, dst = socket.inet_ntoa(body[:4]), socket.inet_ntoa(body[4:8])
+            sport, dport = (str(p) for p in struct.unpack("!HH", body[8:12]))
+        first = await reader.readexactly(5)
+        writer.write(f"{family} {src}:{sport} {dst}:{dport} then {first.decode()}".encode())
+        await writer.drain()
+
+    async def main() -> None:
+        async with (
+            backend(parse_header) as (port, _),
+            proxy(make_pool([port], send_proxy=version)) as (_, addr),
+        ):
+            reader, writer = await connect(addr)
+            writer.write(b"hello")
+            answer = (await asyncio.wait_for(reader.read(), 2)).decode()
+            client_port = writer.get_extra_info("sockname")[1]
+            assert answer == f"TCP4 127.0.0.1:{client_port} 127.0.0.1:{addr[1]} then hello"
 
     run(main)

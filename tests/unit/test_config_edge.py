@@ -133,3 +133,13 @@ def test_access_log_and_tunnel_timeout_keys(tmp_path: Path) -> None:
 def test_access_log_errors_name_the_key(tmp_path: Path, value: str, problem: str) -> None:
     message = error(config(tmp_path, node=f"access_log = {value}"))
     assert "halb.toml: node.access_log: " in message and problem in message
+
+
+def test_send_proxy_is_for_pools_of_tcp_listeners(tmp_path: Path) -> None:
+    cfg = load(config(tmp_path, listener='mode = "tcp"', pool='send_proxy = "v2"'))
+    assert cfg.pools["app"].send_proxy == "v2"
+    assert load(config(tmp_path)).pools["app"].send_proxy == ""
+    message = error(config(tmp_path, pool='send_proxy = "v1"'))  # an HTTP listener uses the pool
+    assert "listeners[0].pool: pool 'app' has send_proxy, which only TCP listeners can use" in message
+    message = error(config(tmp_path, listener='mode = "tcp"', pool='send_proxy = "v3"'))
+    assert "pools.app.send_proxy: must be one of '', 'v1', 'v2', got 'v3'" in message
