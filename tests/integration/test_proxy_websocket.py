@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from halb.config_model import TlsConfig
+from halb.proxy.access_log import AccessLog
 from tests.certs import make_cert
 from tests.integration.test_proxy_edge import client_context, tls_client
 from tests.integration.test_proxy_http import (  # (event_loop_kind: every test on asyncio and uvloop)
@@ -272,5 +273,28 @@ def test_websocket_over_tls(tmp_path: Path) -> None:
             client.writer.close()  # close_notify, then FIN: the tunnel ends, both connections close
             await poll(lambda: listener_stats(server)["tunnels_active"] == 0)
             await poll(lambda: server.open_connections() == 0)
+
+    run(main)
+
+
+def test_a_websocket_connection_is_one_access_log_line(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+
+    async def main() -> None:
+        access_log = AccessLog(str(path))
+        async with ws_backend() as be, proxy(make_pool([be.port]), access_log=access_log) as (server, addr):
+            client = await Client.connect(addr)
+            await handshake(client)
+            assert await read_exactly(client, 5) == b"hello"
+            client.writer.write(b"12345")
+            assert await read_exactly(client, 10) == b"echo:12345"
+            client.writer.write_eof()
+            assert await read_exactly(client, 3) == b"bye"
+            await poll(lambda: server.open_connections() == 0)
+        access_log.close()
+        (line,) = path.read_text().splitlines()
+        assert " web app/b0 " in line and " 101 " in line and '"GET /chat HTTP/1.1"' in line
+        head_and_frames = int(line.split(" 101 ")[1].split(" ")[0])
+        assert head_and_frames > len(b"hello" + b"echo:12345" + b"bye")
 
     run(main)
