@@ -685,6 +685,9 @@ class HttpConnection(Channel):
             self.write(out)
         except ConnectionError:
             keep = False  # the client is gone; its connection_lost ends the connection
+            if listener.access_log is not None:
+                self._logbackend = backend
+                self._log_request()  # (status -1: the answer could not be delivered)
         else:
             stats.bytes_out += len(out)
             stats.inline_total += 1

@@ -183,6 +183,9 @@ class ProxyServer:
                 await self._housekeeping
             self._housekeeping = None
         tasks: list[asyncio.Task[None]] = []
+        for server in self._servers.values():
+            if isinstance(server, TlsAcceptor):
+                tasks.extend(server.tasks())  # TLS handshakes in progress
         for handler in self._handlers.values():
             tasks.extend(handler.tasks())
             handler.close_all()

@@ -220,7 +220,11 @@ class TlsAcceptor:
                 )
                 await asyncio.sleep(ACCEPT_RETRY_SECONDS)
                 continue
-            self._admit(conn, str(addr[0]))
+            try:
+                self._admit(conn, str(addr[0]))
+            except Exception:  # a bug must not stop the listener: drop this connection, keep accepting
+                log.exception("listener %s: serving a new connection failed", self._name)
+                conn.close()
 
     def _admit(self, conn: socket.socket, ip: str) -> None:
         listener = self._listener
@@ -256,10 +260,13 @@ class TlsAcceptor:
                 raise
 
     def close(self) -> None:
-        """Stop accepting and drop the handshakes in progress."""
+        """Stop accepting (as `asyncio.Server.close()`: handshakes in progress go on, bounded by their
+        timeout, and their connections are served like the others)."""
         self._task.cancel()
-        for task in list(self._handshakes):
-            task.cancel()
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The handshakes in progress (cancelled when the proxy closes every connection)."""
+        return list(self._handshakes)
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(self._task, *self._handshakes, return_exceptions=True)
+        await asyncio.gather(self._task, return_exceptions=True)
