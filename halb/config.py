@@ -214,11 +214,24 @@ def _listener(r: Reader) -> ListenerConfig:
         backlog=r.int("backlog", d["backlog"], lo=1, hi=65535),
         maxconn=r.int("maxconn", 0, lo=0, hi=10_000_000),
         maxconn_per_ip=r.int("maxconn_per_ip", 0, lo=0, hi=10_000_000),
+        allow=_networks(r, "allow"),
+        deny=_networks(r, "deny"),
         tls=_tls(r.sub("tls")),
         ratelimits=listener_ratelimits(r),  # [state]/[ratelimits] keys: halb.config_state
     )
     r.done()
     return listener
+
+
+def _networks(r: Reader, name: str) -> tuple[str, ...]:
+    """`allow` / `deny`: addresses or networks ("10.0.0.0/8", "192.0.2.7", "2001:db8::/32")."""
+    values = r.str_list(name)
+    for i, value in enumerate(values):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            r.fail(f"{name}[{i}]", f"{value!r} is not an IP address or network (like 10.0.0.0/8)")
+    return tuple(values)
 
 
 _TLS_VERSIONS = ("1.2", "1.3")

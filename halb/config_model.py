@@ -55,6 +55,9 @@ class ListenerConfig:
     backlog: int = 1024
     maxconn: int = 0  # client connections of this listener (HAProxy's frontend maxconn); 0 = no limit
     maxconn_per_ip: int = 0  # client connections from one source address; 0 = no limit
+    # Client networks accepted (empty: all) and refused (wins over allow), checked at accept
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
     tls: TlsConfig | None = None  # terminate TLS on this listener; backends get plain HTTP/TCP
     ratelimits: tuple[str, ...] = ()  # names of [ratelimits.NAME] rules, checked in order (HTTP only)
 

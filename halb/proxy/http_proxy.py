@@ -358,9 +358,13 @@ class HttpConnection(Channel):
             self.task = self.loop.create_task(self._run())
 
     def _reject(self, transport: asyncio.BaseTransport, reason: str) -> None:
-        """Over a connection limit: answer 503 at once, then close without reading the request."""
+        """Over a connection limit: answer 503 at once, then close without reading the request. A source
+        address the listener does not allow gets no answer at all."""
         self.finished = True
         self._discarding = True
+        if reason == "denied":
+            transport.close()
+            return
         self._linger = True
         self._send_error(503, f"too many connections ({reason})")
         self._close_client(linger_seconds=REJECT_LINGER_SECONDS)

@@ -7,8 +7,10 @@ How this works:
   client address, kept only when that limit is set). A listener calls `admit(ip)` when a connection is
   accepted: it returns "" (admitted, counted) or the name of the limit that refused it ("node_maxconn",
   "listener_maxconn", "maxconn_per_ip"), which the listener counts in its `rejected` stats and answers
-  (HTTP: 503 and close; TCP: close). `release(ip)` when an admitted connection ends. Checks are plain
-  integer compares, so an unlimited listener pays nothing measurable.
+  (HTTP: 503 and close; TCP: close). Before any limit, the listener's `allow`/`deny` networks
+  (halb.proxy.source_acl) may refuse the address: "denied", closed without an answer.
+  `release(ip)` when an admitted connection ends. Checks are plain integer compares, so an unlimited
+  listener pays nothing measurable.
 
 * `BackendQueue` (one per pool, shared by the HTTP and TCP listeners of that pool) enforces per-backend
   `maxconn` like HAProxy's server `maxconn` + backend queue: `choose(ctx)` picks with the pool's policy
@@ -39,6 +41,7 @@ from collections.abc import Collection
 from halb.backend import Backend
 from halb.balancing.base import Context
 from halb.pool import Pool
+from halb.proxy.source_acl import SourceAcl
 
 FDS_PER_CONNECTION = 2  # the client socket and the backend socket
 FDS_RESERVED = 100  # listening sockets, the control socket, idle pooled backend connections...
@@ -68,17 +71,24 @@ class NodeGate:
 
 
 class ListenerGate:
-    __slots__ = ("current", "limit", "node", "per_ip", "per_ip_limit")
+    __slots__ = ("acl", "current", "limit", "node", "per_ip", "per_ip_limit")
 
-    def __init__(self, node: NodeGate, limit: int = 0, per_ip_limit: int = 0) -> None:
+    def __init__(
+        self, node: NodeGate, limit: int = 0, per_ip_limit: int = 0, acl: SourceAcl | None = None
+    ) -> None:
         self.node = node
         self.limit = limit
         self.per_ip_limit = per_ip_limit
+        self.acl = acl  # the listener's allow/deny networks (halb.proxy.source_acl), None = everyone
         self.current = 0
         self.per_ip: dict[str, int] = {}
 
     def admit(self, ip: str) -> str:
-        """ "" when the connection may proceed (it is then counted), else the name of the limit hit."""
+        """ "" when the connection may proceed (it is then counted), else the name of the limit hit
+        ("denied": the address is not allowed on this listener)."""
+        acl = self.acl
+        if acl is not None and not acl.permits(ip):
+            return "denied"
         node = self.node
         if node.limit and node.current >= node.limit:
             return "node_maxconn"

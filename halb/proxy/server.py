@@ -33,6 +33,7 @@ from halb.pool import Pool
 from halb.proxy.access_log import AccessLog
 from halb.proxy.http_proxy import HttpListener
 from halb.proxy.limits import ListenerGate, NodeGate, automatic_maxconn, make_backend_queue, share
+from halb.proxy.source_acl import SourceAcl, parse_networks
 from halb.proxy.tcp_proxy import TcpListener
 from halb.proxy.tls import TlsAcceptor, TlsTerminator
 from halb.proxy.upstream_pool import UpstreamPool
@@ -96,7 +97,10 @@ class ProxyServer:
             for config in self.listeners:
                 pool = self.pools[config.pool]
                 gate = ListenerGate(
-                    self.gate, share(config.maxconn, self.workers), share(config.maxconn_per_ip, self.workers)
+                    self.gate,
+                    share(config.maxconn, self.workers),
+                    share(config.maxconn_per_ip, self.workers),
+                    source_acl(config),
                 )
                 tls = self.tls.get(config.name)
                 handler: HttpListener | TcpListener
@@ -249,6 +253,13 @@ class ProxyServer:
                         handler.tick(now)
             except Exception:
                 log.exception("proxy housekeeping failed")
+
+
+def source_acl(config: ListenerConfig) -> SourceAcl | None:
+    """The listener's allow/deny networks, or None when it takes every address."""
+    if not config.allow and not config.deny:
+        return None
+    return SourceAcl(parse_networks(config.allow), parse_networks(config.deny))
 
 
 async def _bind(config: ListenerConfig, loop: asyncio.AbstractEventLoop) -> socket.socket:

@@ -67,6 +67,7 @@ class TcpListener:
             or pool.config.algorithm in ("ip_hash", "consistent_hash")
             or access_log is not None
             or pool.config.send_proxy
+            or self.gate.acl is not None
         )
 
     def protocol_factory(self) -> asyncio.Protocol:

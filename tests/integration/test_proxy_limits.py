@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from halb.balancing.base import Context
-from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig
+from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig, TlsConfig
 from halb.pool import Pool
 from halb.proxy.limits import BackendQueue, QueueFull
 from halb.proxy.server import ProxyServer
+from tests.certs import make_cert
 from tests.integration.test_proxy_http import (  # (event_loop_kind: every test on asyncio and uvloop)
     Client,
     backends,
@@ -309,5 +312,48 @@ def test_a_backends_own_queue_is_served_before_the_pools_and_a_leaver_frees_its_
         queue.slot_freed(b1)  # nobody waits for b1 itself: the pool's waiter gets it
         assert await asyncio.wait_for(general, 1) is b1
         assert queue.waiting == 0
+
+    run(main)
+
+
+def test_allow_and_deny_networks_refuse_sources_before_anything_is_read(tmp_path: Path) -> None:
+    """allow 127.0.0.0/24 but deny 127.0.0.3: 127.0.0.1 is served, 127.0.0.3 and 127.0.1.1 are closed
+    without an answer (HTTP, TCP and TLS listeners alike) and counted as "denied"."""
+    cert, key = make_cert(tmp_path, "front")
+    acl = {"allow": ("127.0.0.0/24",), "deny": ("127.0.0.3",)}
+
+    async def main() -> None:
+        async with (
+            backends(None) as (be,),
+            tcp_backend(echo) as (echo_port, _),
+            serve(pool_of([be.port]), "http", **acl) as (http_server, (http_addr,)),
+            serve(pool_of([echo_port]), "tcp", **acl) as (tcp_server, (tcp_addr,)),
+            serve(pool_of([be.port]), "http", tls=TlsConfig(str(cert), str(key)), **acl) as (
+                tls_server,
+                (tls_addr,),
+            ),
+        ):
+            allowed = await connect_from(http_addr, "127.0.0.1")
+            assert (await allowed.get("/")).status == 200
+            relayed = await connect_from(tcp_addr, "127.0.0.1")
+            relayed.writer.write(b"ping")
+            assert await asyncio.wait_for(relayed.reader.readexactly(4), 2) == b"ping"
+            for source in ("127.0.0.3", "127.0.1.1"):  # denied, and outside allow
+                for addr in (http_addr, tcp_addr, tls_addr):
+                    refused = await connect_from(addr, source)
+                    refused.writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    assert await refused.at_eof()
+            for server in (http_server, tcp_server, tls_server):
+                assert lstats(server)["rejected"] == {"denied": 2}
+            trusted = ssl.create_default_context(cafile=str(cert))
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, tls_addr)
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=trusted, server_hostname="localhost"
+            )
+            tls_client = Client(reader, writer)
+            assert (await tls_client.get("/")).status == 200
 
     run(main)

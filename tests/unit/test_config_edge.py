@@ -143,3 +143,11 @@ def test_send_proxy_is_for_pools_of_tcp_listeners(tmp_path: Path) -> None:
     assert "listeners[0].pool: pool 'app' has send_proxy, which only TCP listeners can use" in message
     message = error(config(tmp_path, listener='mode = "tcp"', pool='send_proxy = "v3"'))
     assert "pools.app.send_proxy: must be one of '', 'v1', 'v2', got 'v3'" in message
+
+
+def test_allow_and_deny_networks(tmp_path: Path) -> None:
+    cfg = load(config(tmp_path, listener='allow = ["10.0.0.0/8", "2001:db8::/32"]\ndeny = ["10.6.6.6"]'))
+    assert cfg.listeners[0].allow == ("10.0.0.0/8", "2001:db8::/32")
+    assert cfg.listeners[0].deny == ("10.6.6.6",)
+    message = error(config(tmp_path, listener='deny = ["10.0.0.0/8", "10.0.0.300"]'))
+    assert "listeners[0].deny[1]: '10.0.0.300' is not an IP address or network" in message
