@@ -209,6 +209,8 @@ def _listener(r: Reader) -> ListenerConfig:
         client_timeout=r.float("client_timeout", d["client_timeout"], lo=0.001),
         header_timeout=r.float("header_timeout", d["header_timeout"], lo=0.001),
         tunnel_timeout=r.float("tunnel_timeout", d["tunnel_timeout"], lo=0.001),
+        redirect_to_https=r.bool("redirect_to_https", False),
+        https_port=r.int("https_port", 443, lo=1, hi=65535),
         max_header_bytes=r.int("max_header_bytes", d["max_header_bytes"], lo=1024, hi=1 << 20),
         max_request_line=r.int("max_request_line", d["max_request_line"], lo=256, hi=1 << 20),
         backlog=r.int("backlog", d["backlog"], lo=1, hi=65535),
@@ -620,6 +622,8 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
             lr.fail("pool", f"no pool named {listener.pool!r} (pools: {known})")
         if listener.bind == node.admin:
             lr.fail("bind", f"{listener.bind} is also node.admin")
+        if listener.redirect_to_https and (listener.mode != "http" or listener.tls is not None):
+            lr.fail("redirect_to_https", "is for plain HTTP listeners (it sends their clients to https://)")
         if listener.mode == "http" and pools[listener.pool].send_proxy:
             lr.fail(
                 "pool",

@@ -50,6 +50,10 @@ class ListenerConfig:
     client_timeout: float = 60.0  # idle keep-alive (HTTP) / idle connection (TCP) timeout
     header_timeout: float = 10.0  # a request head must be complete within this (slowloris defence)
     tunnel_timeout: float = 3600.0  # idle WebSocket tunnel (HTTP mode, after 101): HAProxy's timeout tunnel
+    # HTTP listeners: answer every request with a redirect to https://HOST[:https_port]/TARGET (the plain
+    # port of a site served over TLS); no backend is asked
+    redirect_to_https: bool = False
+    https_port: int = 443
     max_header_bytes: int = 32768  # whole request head
     max_request_line: int = 8192
     backlog: int = 1024

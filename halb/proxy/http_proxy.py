@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -84,6 +85,8 @@ log = logging.getLogger("halb.proxy.http")
 T = TypeVar("T")
 
 REASONS = {
+    301: b"Moved Permanently",
+    308: b"Permanent Redirect",
     400: b"Bad Request",
     408: b"Request Timeout",
     414: b"URI Too Long",
@@ -121,6 +124,8 @@ _PROTECTED = frozenset({b"host"})
 # ("upgrade" names the Upgrade header, which the proxy drops or rewrites itself.)
 _PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 _UPGRADE_WEBSOCKET = b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+# A Host header a redirect may name: a DNS name or IPv4 address, or [IPv6], then an optional port.
+_HOST = re.compile(rb"([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 BODY_FLUSH_BYTES = 1 << 20  # report backend bytes at least every MiB of a long response
 # After answering a request whose bytes were not all read (errors), keep reading and discarding for this
@@ -219,7 +224,7 @@ class HttpListener:
         self.keyed = self._key_kind != 0  # hash_key() has something to extract from requests
         # Requests may be served inline, in the protocol callbacks (see HttpConnection._serve_inline),
         # unless a per-request hook may have to wait: the sessions hook (Redis) or the maxconn queue.
-        self.inline_ok = sessions is None and queue is None
+        self.inline_ok = sessions is None and queue is None and not config.redirect_to_https
 
     def protocol_factory(self) -> asyncio.Protocol:
         return HttpConnection(self)
@@ -797,6 +802,8 @@ class HttpConnection(Channel):
             initial = self.take(n)
             stats.bytes_in += n
         self._t0 = now = self.loop.time()
+        if listener.config.redirect_to_https:
+            return self._redirect_to_https(req, rid, framer.done)
         ctx = Context(self.client_ip, listener.hash_key(req) if listener.keyed else "", now)
         # --- Per-request hooks go here, before a backend is chosen: the place for sticky sessions and
         # rate limits (a hook may answer the request itself, e.g. 429 via self._fail(), or pick the
@@ -1385,6 +1392,24 @@ class HttpConnection(Channel):
         self._log_status = -1
         self._log_bytes = 0
         self._log_tr = -1.0
+
+    def _redirect_to_https(self, req: RequestHead, rid: bytes, body_done: bool) -> bool:
+        """`redirect_to_https`: 301 (GET, HEAD) or 308 (any other method, which must be kept) to the same
+        host and target over https; no backend is asked. True when the connection stays open."""
+        m = _HOST.fullmatch(req.header(b"host") or b"")
+        if m is None:
+            self.listener.stats.count_bad_request("bad_host")
+            return self._fail(400, "no valid Host to redirect to", req, rid, body_done)
+        port = self.listener.config.https_port
+        host = m.group(1)
+        authority = host if port == 443 else b"%s:%d" % (host, port)
+        target = req.target
+        if not target.startswith(b"/"):  # absolute form (http://host/path): keep the path
+            target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+        status = 301 if req.method in (b"GET", b"HEAD") else 308
+        location = b"https://" + authority + target
+        message = f"moved to {location.decode('latin-1')}"
+        return self._fail(status, message, req, rid, body_done, b"Location: " + location + b"\r\n")
 
     def _fail(
         self, status: int, message: str, req: RequestHead, rid: bytes, body_done: bool, extra: bytes = b""

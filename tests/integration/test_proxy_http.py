@@ -942,3 +942,33 @@ def test_client_disconnect_while_waiting_releases_the_backend() -> None:
             assert stats["client_connections_active"] == 0 and stats["in_flight"] == 0
 
     run(main)
+
+
+def test_redirect_to_https_answers_without_a_backend() -> None:
+    async def main() -> None:
+        async with backends(None) as (be,), proxy(make_pool([be.port]), redirect_to_https=True) as (_, addr):
+            client = await Client.connect(addr)
+            resp = await client.request(b"GET /a?b=1 HTTP/1.1\r\nHost: example.com:80\r\n\r\n")
+            assert (resp.status, resp.get("location")) == (301, "https://example.com/a?b=1")
+            resp = await client.request(  # another method must be kept: 308; the body is read
+                b"POST /form HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\r\nhello", "POST"
+            )
+            assert (resp.status, resp.get("location")) == (308, "https://example.com/form")
+            resp = await client.request(b"GET /v6 HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n")
+            assert resp.get("location") == "https://[::1]/v6"
+            resp = await client.request(b"GET http://example.com/abs HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            assert resp.get("location") == "https://example.com/abs"
+            for bad in (b"Host: evil.com/x\r\n", b"Host: a b\r\n"):
+                bad_client = await Client.connect(addr)
+                resp = await bad_client.request(b"GET / HTTP/1.1\r\n" + bad + b"\r\n")
+                assert resp.status == 400
+            assert be.requests == []
+        async with (
+            backends(None) as (be,),
+            proxy(make_pool([be.port]), redirect_to_https=True, https_port=8443) as (_, addr),
+        ):
+            client = await Client.connect(addr)
+            resp = await client.request(b"HEAD /x HTTP/1.1\r\nHost: example.com\r\n\r\n", "HEAD")
+            assert (resp.status, resp.get("location")) == (301, "https://example.com:8443/x")
+
+    run(main)

@@ -151,3 +151,12 @@ def test_allow_and_deny_networks(tmp_path: Path) -> None:
     assert cfg.listeners[0].deny == ("10.6.6.6",)
     message = error(config(tmp_path, listener='deny = ["10.0.0.0/8", "10.0.0.300"]'))
     assert "listeners[0].deny[1]: '10.0.0.300' is not an IP address or network" in message
+
+
+def test_redirect_to_https_is_for_plain_http_listeners(tmp_path: Path) -> None:
+    cfg = load(config(tmp_path, listener="redirect_to_https = true\nhttps_port = 8443"))
+    assert (cfg.listeners[0].redirect_to_https, cfg.listeners[0].https_port) == (True, 8443)
+    message = error(config(tmp_path, listener='mode = "tcp"\nredirect_to_https = true'))
+    assert "listeners[0].redirect_to_https: is for plain HTTP listeners" in message
+    message = error(config(tmp_path, listener="redirect_to_https = 1"))
+    assert "listeners[0].redirect_to_https: expected true or false" in message
