@@ -5,8 +5,8 @@ node can write whole lines to the same file and each write lands at its end ("-"
 output instead). A line is formatted when its request ends and kept in memory; the lines go out in one
 `os.write` once 64 KiB have gathered, or `FLUSH_SECONDS` after the first line still waiting (one timer),
 or on `flush()` (at shutdown): logging costs one string format per request, not a system call. `reopen()`
-(SIGHUP, after logrotate moved the file away) writes what is waiting and opens the path again. When a
-write fails (disk full, file removed under a "-" pipe) the lines are dropped and counted in
+(SIGHUP, after logrotate moved the file away) writes what is waiting and opens the path again. When the
+file cannot be opened (no permission) or a write fails (disk full) the lines are dropped and counted in
 `dropped_lines`, with an error logged at most once a minute: the proxy never stops serving for its log.
 
 Lines (times in milliseconds, `-1` when that stage was not reached):
@@ -49,7 +49,10 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
         self._last_error = -ERROR_LOG_INTERVAL
-        self._open()
+        try:
+            self._open()
+        except OSError as exc:  # (e.g. no permission): serve anyway; SIGHUP tries again
+            log.error("access log %s: cannot open (%s); lines are dropped until a reopen works", path, exc)
 
     def _open(self) -> None:
         if self.path == "-":
@@ -144,9 +147,10 @@ class AccessLog:
         try:
             self._open()
         except OSError as exc:
-            log.error("access log %s: cannot reopen (%s); still writing to the old file", self.path, exc)
+            log.error("access log %s: cannot reopen (%s); still writing where it was", self.path, exc)
             return
-        os.close(old)
+        if old >= 0:
+            os.close(old)
 
     def close(self) -> None:
         self.flush()

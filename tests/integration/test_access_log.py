@@ -184,3 +184,20 @@ def test_a_failing_log_drops_lines_and_counts_them(tmp_path: Path) -> None:
         assert access_log.dropped_lines == 3
 
     run(main)
+
+
+def test_a_log_that_cannot_be_opened_drops_lines_until_a_reopen_works(tmp_path: Path) -> None:
+    missing = tmp_path / "not-yet" / "access.log"
+
+    async def main() -> None:
+        access_log = AccessLog(str(missing))  # its directory does not exist (yet): serving goes on
+        access_log.tcp("127.0.0.1", 1, "l", "p", "b", 0.0, 0.0, 0, 0, "-")
+        access_log.flush()
+        assert access_log.dropped_lines == 1
+        missing.parent.mkdir()
+        access_log.reopen()
+        access_log.tcp("127.0.0.1", 2, "l", "p", "b", 0.0, 0.0, 0, 0, "-")
+        access_log.close()
+        assert missing.read_text().startswith("127.0.0.1:2 ")
+
+    run(main)
