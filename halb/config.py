@@ -29,6 +29,7 @@ from halb.config_model import (
     ListenerConfig,
     NodeConfig,
     PoolConfig,
+    RouteConfig,
     TlsConfig,
     TrackConfig,
     VrrpSettings,
@@ -220,9 +221,32 @@ def _listener(r: Reader) -> ListenerConfig:
         deny=_networks(r, "deny"),
         tls=_tls(r.sub("tls")),
         ratelimits=listener_ratelimits(r),  # [state]/[ratelimits] keys: halb.config_state
+        routes=tuple(_route(route) for route in r.items("routes")),
     )
     r.done()
     return listener
+
+
+_ROUTE_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
+
+
+def _route(r: Reader) -> RouteConfig:
+    """`routes = [{ host = "api.example.com", path_prefix = "/v1/", pool = "api" }, ...]`"""
+    route = RouteConfig(
+        pool=r.str("pool"),
+        host=r.str("host", ""),
+        path_prefix=r.str("path_prefix", ""),
+    )
+    if route.host and not _ROUTE_HOST.match(route.host):
+        r.fail("host", f'{route.host!r} is not a host name, "*.DOMAIN" or [IPv6] (no port, no scheme)')
+    if route.path_prefix and not route.path_prefix.startswith("/"):
+        r.fail("path_prefix", f"must start with /, got {route.path_prefix!r}")
+    if route.path_prefix and any(c <= " " or c == "\x7f" for c in route.path_prefix):
+        r.fail("path_prefix", f"{route.path_prefix!r} has a space or control character")
+    if not route.host and not route.path_prefix:
+        r.fail("", "a route needs host, path_prefix or both (the listener's pool takes everything else)")
+    r.done()
+    return route
 
 
 def _networks(r: Reader, name: str) -> tuple[str, ...]:
@@ -620,6 +644,19 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
         if listener.pool not in pools:
             known = ", ".join(sorted(pools)) or "none"
             lr.fail("pool", f"no pool named {listener.pool!r} (pools: {known})")
+        for j, route in enumerate(listener.routes):
+            if route.pool not in pools:
+                known = ", ".join(sorted(pools)) or "none"
+                lr.fail(f"routes[{j}].pool", f"no pool named {route.pool!r} (pools: {known})")
+            if pools[route.pool].send_proxy:
+                lr.fail(
+                    f"routes[{j}].pool",
+                    f"pool {route.pool!r} has send_proxy, which only TCP listeners can use",
+                )
+        if listener.routes and listener.mode != "http":
+            lr.fail("routes", 'routes choose a pool by host and path: HTTP listeners only (mode = "http")')
+        if listener.routes and listener.redirect_to_https:
+            lr.fail("routes", "a redirect_to_https listener sends every request away: it has no routes")
         if listener.bind == node.admin:
             lr.fail("bind", f"{listener.bind} is also node.admin")
         if listener.redirect_to_https and (listener.mode != "http" or listener.tls is not None):

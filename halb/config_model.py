@@ -42,6 +42,16 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    """An HTTP listener's route (content switching): requests matching `host` and/or `path_prefix` go to
+    `pool` instead of the listener's own pool (halb.proxy.routes)."""
+
+    pool: str
+    host: str = ""  # "api.example.com" (case-insensitive, port ignored) or "*.example.com"; "" = any
+    path_prefix: str = ""  # the raw path starts with this, e.g. "/api/"; "" = any
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     bind: HostPort
@@ -64,6 +74,12 @@ class ListenerConfig:
     deny: tuple[str, ...] = ()
     tls: TlsConfig | None = None  # terminate TLS on this listener; backends get plain HTTP/TCP
     ratelimits: tuple[str, ...] = ()  # names of [ratelimits.NAME] rules, checked in order (HTTP only)
+    routes: tuple[RouteConfig, ...] = ()  # HTTP: first match sends a request to another pool
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """Every pool this listener sends to: its own, then its routes' (each once)."""
+        return tuple(dict.fromkeys((self.pool, *(route.pool for route in self.routes))))
 
 
 @dataclass(frozen=True)
@@ -171,7 +187,7 @@ class TrackConfig:
 
     weight: int = 50
     listeners: bool = True  # a local TCP connect to each listener must succeed
-    pools: bool = True  # every listener's pool must have an available backend
+    pools: bool = True  # every pool a listener sends to (its own, its routes') must have an available backend
     interface: bool = True  # the VRRP interface's link must be up (else FAULT, whatever the weight)
 
 

@@ -41,6 +41,7 @@ import random
 import signal
 import socket
 import time
+from dataclasses import asdict
 from typing import Any
 
 from halb import __version__, state_report
@@ -135,10 +136,11 @@ class Node:
         self._track_pools()
 
     def _track_pools(self) -> None:
-        """VRRP tracking: each listener's pool must have an available backend (check `pool:<name>`)."""
+        """VRRP tracking: each pool a listener sends to (its own, its routes') must have an available
+        backend (check `pool:<name>`)."""
         if self.vrrp is None or self.config.vrrp is None or not self.config.vrrp.track.pools:
             return
-        for name in dict.fromkeys(lc.pool for lc in self.config.listeners):
+        for name in dict.fromkeys(name for lc in self.config.listeners for name in lc.pools):
             pool = self.pools.get(name)
             if pool is not None:
                 self.vrrp.set_check(f"pool:{name}", pool.healthy_count > 0)
@@ -344,6 +346,7 @@ class Node:
                 "bind": str(lc.bind),
                 "mode": lc.mode,
                 "pool": lc.pool,
+                **({"routes": [asdict(route) for route in lc.routes]} if lc.routes else {}),
                 **{k: v for k, v in listener_totals.get(lc.name, {}).items()},
             }
             for lc in self.config.listeners

@@ -45,13 +45,13 @@ import asyncio
 import logging
 import random
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from halb.backend import Backend
 from halb.balancing.base import Context
-from halb.config_model import ListenerConfig
+from halb.config_model import ListenerConfig, RouteConfig
 from halb.errors import ProtocolError
 from halb.pool import Pool
 from halb.proxy.access_log import AccessLog
@@ -73,6 +73,7 @@ from halb.proxy.http_codec import (
     response_framer,
 )
 from halb.proxy.limits import BackendQueue, ListenerGate, NodeGate, QueueFull, QueueTimeout
+from halb.proxy.routes import PoolRoute, Router
 from halb.proxy.stats import HttpListenerStats
 from halb.proxy.tls import TlsTerminator
 from halb.proxy.tunnel import TunnelBytes, relay_tunnel
@@ -196,9 +197,9 @@ class HttpListener:
         tls: TlsTerminator | None = None,
         sessions: ListenerHook | None = None,
         access_log: AccessLog | None = None,
+        routes: Sequence[tuple[RouteConfig, PoolRoute]] = (),
     ) -> None:
         self.config = config
-        self.sessions = sessions  # [state] hook: rate limits + sticky sessions (halb.proxy.sessions_hook)
         self.access_log = access_log  # one line per request (halb.proxy.access_log)
         self.pool = pool
         self.upstream = upstream
@@ -207,24 +208,16 @@ class HttpListener:
         self.loop = loop or asyncio.get_running_loop()
         self.stats = HttpListenerStats()
         self.gate = gate or ListenerGate(NodeGate(0), config.maxconn, config.maxconn_per_ip)
-        self.queue = queue  # per-backend maxconn queue of the pool; None when no backend has maxconn
         self.connections: set[HttpConnection] = set()
         self.lingering: set[asyncio.Transport] = set()
         self.draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
-        hash_key = pool.config.hash_key
-        self._key_kind = 0
-        self._key_name = b""
-        if hash_key.startswith("header:"):
-            self._key_kind, self._key_name = 1, hash_key[7:].strip().lower().encode()
-        elif hash_key.startswith("cookie:"):
-            self._key_kind, self._key_name = 2, hash_key[7:].strip().encode()
-        elif hash_key == "path":
-            self._key_kind = 3
-        self.keyed = self._key_kind != 0  # hash_key() has something to extract from requests
+        # The pool of each request: the listener's own (`default`), or a route's (halb.proxy.routes).
+        self.router = Router(PoolRoute(pool, queue, sessions), routes)
+        self.default = self.router.default
         # Requests may be served inline, in the protocol callbacks (see HttpConnection._serve_inline),
-        # unless a per-request hook may have to wait: the sessions hook (Redis) or the maxconn queue.
-        self.inline_ok = sessions is None and queue is None and not config.redirect_to_https
+        # unless a per-request hook of their pool may have to wait (the sessions hook, the maxconn queue).
+        self.inline_ok = not config.redirect_to_https and any(r.inline_ok for r in self.router.all)
 
     def protocol_factory(self) -> asyncio.Protocol:
         return HttpConnection(self)
@@ -232,26 +225,6 @@ class HttpListener:
     def count_rejected(self, reason: str) -> None:
         rejected = self.stats.rejected
         rejected[reason] = rejected.get(reason, 0) + 1
-
-    def hash_key(self, req: RequestHead) -> str:
-        """The balancing key of a request per `pool.config.hash_key` ("" = use the client IP)."""
-        kind = self._key_kind
-        if kind == 0:
-            return ""
-        if kind == 1:
-            value = req.header(self._key_name)
-            return value.decode("latin-1") if value else ""
-        if kind == 2:
-            name = self._key_name
-            for hname, value in req.headers:
-                if hname.lower() != b"cookie":
-                    continue
-                for part in value.split(b";"):
-                    key, sep, val = part.strip(b" \t").partition(b"=")
-                    if sep and key == name:
-                        return val.strip(b'"').decode("latin-1")
-            return ""
-        return req.path.decode("latin-1")
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def connection_done(self, conn: HttpConnection) -> None:
@@ -312,6 +285,7 @@ class HttpConnection(Channel):
         self.idle = True  # waiting for the next request's first byte
         self.finished = False
         self.upstream_channel: Channel | None = None
+        self.route: PoolRoute = listener.default  # the pool of the current request (halb.proxy.routes)
         self._method = b"GET"
         self._linger = False  # close with a lingering close (the client may still be sending)
         self._discarding = False
@@ -596,8 +570,11 @@ class HttpConnection(Channel):
             return
         inline = self._inline = _Inline(req)
         framer = request_framer(req)
-        if not framer.done or req.upgrade is not None:
-            self._wake_task()  # a body: the task streams it; an Upgrade: the task may tunnel
+        route = self.route = listener.router.route(req)
+        if not framer.done or req.upgrade is not None or not route.inline_ok:
+            # A body: the task streams it; an Upgrade: the task may tunnel; a pool whose sessions hook
+            # or maxconn queue may have to wait: the task waits.
+            self._wake_task()
             return
         stats.requests_total += 1
         self._method = req.method
@@ -606,8 +583,8 @@ class HttpConnection(Channel):
         self._logrid = inline.rid
         inline.framer = framer
         self._t0 = now = self.loop.time()
-        inline.ctx = ctx = Context(self.client_ip, listener.hash_key(req) if listener.keyed else "", now)
-        pool = listener.pool
+        inline.ctx = ctx = Context(self.client_ip, route.hash_key(req) if route.keyed else "", now)
+        pool = route.pool
         try:
             backend = pool.choose(ctx)
         except Exception:
@@ -784,7 +761,8 @@ class HttpConnection(Channel):
         """Serve one request; True when the client connection may carry another one."""
         listener = self.listener
         stats = listener.stats
-        pool = listener.pool
+        route = self.route = listener.router.route(req)
+        pool = route.pool
         stats.requests_total += 1
         self._method = req.method
         self._logreq = req
@@ -804,16 +782,16 @@ class HttpConnection(Channel):
         self._t0 = now = self.loop.time()
         if listener.config.redirect_to_https:
             return self._redirect_to_https(req, rid, framer.done)
-        ctx = Context(self.client_ip, listener.hash_key(req) if listener.keyed else "", now)
+        ctx = Context(self.client_ip, route.hash_key(req) if route.keyed else "", now)
         # --- Per-request hooks go here, before a backend is chosen: the place for sticky sessions and
         # rate limits (a hook may answer the request itself, e.g. 429 via self._fail(), or pick the
         # backend). Then the pool's policy chooses, through the maxconn queue when the pool has one.
-        hook = listener.sessions
+        hook = route.sessions
         if hook is not None:  # [state] hook (halb.proxy.sessions_hook): rate limits, then sticky sessions
             refusal = await hook.before_choose(self, req, ctx)
             if refusal is not None:
                 return self._fail(refusal.status, refusal.message, req, rid, framer.done, refusal.headers)
-        queue = listener.queue
+        queue = route.queue
         try:
             if self.sticky is not None:  # [state] hook: the session's backend replaces the policy's choice
                 backend: Backend | None = self.sticky.backend
@@ -873,7 +851,7 @@ class HttpConnection(Channel):
             stats.no_backend_total += 1
             keep = req.keep_alive and not listener.draining and framer.done
             self._send_error(
-                503, f'no healthy backend in pool "{listener.pool.name}"', rid, keep=keep, minor=req.minor
+                503, f'no healthy backend in pool "{self.route.pool.name}"', rid, keep=keep, minor=req.minor
             )
             return keep
         if sent is None:
@@ -895,7 +873,7 @@ class HttpConnection(Channel):
                     stats.backend_errors_total += 1
                     return self._fail(
                         503,  # as HAProxy: retries exhausted -> 503 (502 = a bad answer from a server)
-                        f'no healthy backend in pool "{listener.pool.name}" accepted a connection',
+                        f'no healthy backend in pool "{self.route.pool.name}" accepted a connection',
                         req,
                         rid,
                         framer.done,
@@ -903,8 +881,9 @@ class HttpConnection(Channel):
                 backend, up, reused = got
                 self.upstream_channel = up
                 self._logbackend = backend
-                if self.sticky is not None and listener.sessions is not None:  # [state] hook: mapping follows
-                    listener.sessions.rehomed(self, backend)
+                hook = self.route.sessions
+                if self.sticky is not None and hook is not None:  # [state] hook: the mapping follows
+                    hook.rehomed(self, backend)
                 try:
                     return await self._relay(
                         req,
@@ -922,8 +901,8 @@ class HttpConnection(Channel):
                     allow_reuse = False
                 finally:
                     backend.on_connection_closed()
-                    if listener.queue is not None:
-                        listener.queue.slot_freed(backend)
+                    if self.route.queue is not None:
+                        self.route.queue.slot_freed(backend)
         finally:
             stats.in_flight -= 1
             self.upstream_channel = None
@@ -933,7 +912,8 @@ class HttpConnection(Channel):
     ) -> tuple[Backend, Channel, bool] | None:
         """A connection to `backend` (pooled if allowed) or, after connect failures, to another backend."""
         listener = self.listener
-        pool = listener.pool
+        route = self.route
+        pool = route.pool
         config = pool.config
         while True:
             backend.on_connection_opened()
@@ -945,7 +925,7 @@ class HttpConnection(Channel):
                 up = await listener.upstream.connect(backend, config.connect_timeout)
             except (OSError, TimeoutError) as exc:
                 backend.on_connection_closed()
-                queue = listener.queue
+                queue = route.queue
                 if queue is not None:
                     queue.slot_freed(backend)
                 log.debug("connect to %s (%s) failed: %r", backend.name, backend.address, exc)
@@ -962,8 +942,8 @@ class HttpConnection(Channel):
                 continue
             except BaseException:
                 backend.on_connection_closed()
-                if listener.queue is not None:
-                    listener.queue.slot_freed(backend)
+                if route.queue is not None:
+                    route.queue.slot_freed(backend)
                 raise
             return backend, up, False
 
@@ -984,7 +964,7 @@ class HttpConnection(Channel):
         listener = self.listener
         stats = listener.stats
         loop = self.loop
-        timeout = listener.pool.config.timeout
+        timeout = self.route.pool.config.timeout
         sent = len(out_head) + len(initial)
         received = 0
         flushed_sent = flushed_received = 0
@@ -1215,7 +1195,7 @@ class HttpConnection(Channel):
         loop = self.loop
         stats = listener.stats
         client_timeout = listener.config.client_timeout
-        timeout = listener.pool.config.timeout
+        timeout = self.route.pool.config.timeout
         try:
             while not framer.done:
                 if self.buf:
@@ -1378,7 +1358,7 @@ class HttpConnection(Channel):
                 self.client_ip,
                 self.client_port,
                 listener.config.name,
-                listener.pool.name,
+                self.route.pool.name if req is not None else listener.pool.name,
                 backend.name if backend is not None else "-",
                 self._log_tr,
                 ta,

@@ -32,14 +32,22 @@ from halb.config_model import ListenerConfig
 from halb.pool import Pool
 from halb.proxy.access_log import AccessLog
 from halb.proxy.http_proxy import HttpListener
-from halb.proxy.limits import ListenerGate, NodeGate, automatic_maxconn, make_backend_queue, share
+from halb.proxy.limits import (
+    BackendQueue,
+    ListenerGate,
+    NodeGate,
+    automatic_maxconn,
+    make_backend_queue,
+    share,
+)
+from halb.proxy.routes import PoolRoute
 from halb.proxy.source_acl import SourceAcl, parse_networks
 from halb.proxy.tcp_proxy import TcpListener
 from halb.proxy.tls import TlsAcceptor, TlsTerminator
 from halb.proxy.upstream_pool import UpstreamPool
 
 if TYPE_CHECKING:
-    from halb.proxy.sessions_hook import StateRuntime
+    from halb.proxy.sessions_hook import ListenerHook, StateRuntime
 
 log = logging.getLogger("halb.proxy")
 
@@ -60,8 +68,9 @@ class ProxyServer:
         access_log: AccessLog | None = None,
     ) -> None:
         for listener in listeners:
-            if listener.pool not in pools:
-                raise ValueError(f"listener {listener.name!r}: unknown pool {listener.pool!r}")
+            for name in listener.pools:
+                if name not in pools:
+                    raise ValueError(f"listener {listener.name!r}: unknown pool {name!r}")
             if listener.mode not in ("http", "tcp"):
                 raise ValueError(f"listener {listener.name!r}: unknown mode {listener.mode!r}")
         self.listeners = list(listeners)
@@ -105,7 +114,9 @@ class ProxyServer:
                 tls = self.tls.get(config.name)
                 handler: HttpListener | TcpListener
                 if config.mode == "http":
-                    hook = self.state.for_listener(config, pool) if self.state is not None else None
+                    routes = [
+                        (route, self._pool_route(config, route.pool, queues)) for route in config.routes
+                    ]
                     handler = HttpListener(
                         config,
                         pool,
@@ -114,8 +125,9 @@ class ProxyServer:
                         gate=gate,
                         queue=queues[config.pool],
                         tls=tls,
-                        sessions=hook,
+                        sessions=self._hook(config, pool),
                         access_log=self.access_log,
+                        routes=routes,
                     )
                 else:
                     handler = TcpListener(
@@ -155,6 +167,16 @@ class ProxyServer:
             self._servers.clear()
             raise
         self._housekeeping = loop.create_task(self._housekeep())
+
+    def _hook(self, config: ListenerConfig, pool: Pool) -> ListenerHook | None:
+        """The [state] hook of an HTTP listener for one of its pools (None: nothing to do)."""
+        return self.state.for_listener(config, pool) if self.state is not None else None
+
+    def _pool_route(
+        self, config: ListenerConfig, name: str, queues: dict[str, BackendQueue | None]
+    ) -> PoolRoute:
+        pool = self.pools[name]
+        return PoolRoute(pool, queues[name], self._hook(config, pool))
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener (useful with port 0)."""

@@ -10,12 +10,13 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from halb.backend import Backend
-from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig
+from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig, RouteConfig
 from halb.pool import Pool
 from halb.proxy.access_log import AccessLog
 from halb.proxy.http_codec import parse_request_head
@@ -868,7 +869,7 @@ def test_hash_key_sources() -> None:
         def key(hash_key: str, raw: bytes) -> str:
             pool = make_pool([1], hash_key=hash_key)
             config = ListenerConfig(name="l", bind=HostPort("127.0.0.1", 0), pool="app")
-            return HttpListener(config, pool, UpstreamPool()).hash_key(parse_request_head(raw))
+            return HttpListener(config, pool, UpstreamPool()).default.hash_key(parse_request_head(raw))
 
         raw = b"GET /a/b?c=d HTTP/1.1\r\nHost: t\r\nX-User: alice\r\nCookie: x=1; sid=abc; y=2\r\n\r\n"
         assert key("client_ip", raw) == ""
@@ -970,5 +971,71 @@ def test_redirect_to_https_answers_without_a_backend() -> None:
             client = await Client.connect(addr)
             resp = await client.request(b"HEAD /x HTTP/1.1\r\nHost: example.com\r\n\r\n", "HEAD")
             assert (resp.status, resp.get("location")) == (301, "https://example.com:8443/x")
+
+    run(main)
+
+
+def test_routes_send_requests_to_other_pools_by_host_and_path(tmp_path: Path) -> None:
+    """Content switching on one listener: by host, by path prefix, the rest to the listener's pool; on one
+    keep-alive connection the route changes request by request. The `api` pool has a maxconn queue (so
+    its requests go through the connection's task), the others are served inline."""
+    log_path = tmp_path / "access.log"
+
+    async def main() -> None:
+        async with backends(None, None, None) as (app_be, api_be, static_be):
+            pools = {
+                "app": make_pool([app_be.port]),
+                "api": Pool(
+                    PoolConfig(
+                        name="api",
+                        backends=(BackendConfig("api1", HostPort("127.0.0.1", api_be.port)),),
+                        health=HealthConfig(kind="none"),
+                        maxconn=4,
+                    )
+                ),
+                "static": Pool(
+                    PoolConfig(
+                        name="static",
+                        backends=(BackendConfig("static1", HostPort("127.0.0.1", static_be.port)),),
+                        health=HealthConfig(kind="none"),
+                    )
+                ),
+            }
+            listener = ListenerConfig(
+                name="web",
+                bind=HostPort("127.0.0.1", 0),
+                pool="app",
+                routes=(
+                    RouteConfig(pool="api", host="api.example.com"),
+                    RouteConfig(pool="static", path_prefix="/static/"),
+                ),
+            )
+            access_log = AccessLog(str(log_path))
+            server = ProxyServer([listener], pools, access_log=access_log)
+            await server.start()
+            try:
+                client = await Client.connect(server.address("web"))
+                asked = [
+                    ("www.example.com", "/page"),
+                    ("api.example.com", "/users"),
+                    ("www.example.com", "/static/app.js"),
+                    ("API.EXAMPLE.COM:8080", "/static/not-static"),  # the host route comes first
+                    ("www.example.com", "/"),
+                ]
+                for host, path in asked * 2:
+                    resp = await client.request(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                    assert resp.status == 200
+                assert [r.target for r in app_be.requests] == ["/page", "/"] * 2
+                assert [r.target for r in api_be.requests] == ["/users", "/static/not-static"] * 2
+                assert [r.target for r in static_be.requests] == ["/static/app.js"] * 2
+                # Inline once a pooled backend connection exists: app's "/" of the first round, then
+                # app and static in the second; never api (its maxconn queue may have to wait).
+                stats = server.stats()["listeners"]["web"]  # type: ignore[index]
+                assert stats["inline_total"] == 4
+            finally:
+                await server.close()
+                access_log.close()
+            pools_logged = [line.split(" ")[3].split("/")[0] for line in log_path.read_text().splitlines()]
+            assert pools_logged == ["app", "api", "static", "api", "app"] * 2
 
     run(main)

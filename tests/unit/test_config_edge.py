@@ -160,3 +160,47 @@ def test_redirect_to_https_is_for_plain_http_listeners(tmp_path: Path) -> None:
     assert "listeners[0].redirect_to_https: is for plain HTTP listeners" in message
     message = error(config(tmp_path, listener="redirect_to_https = 1"))
     assert "listeners[0].redirect_to_https: expected true or false" in message
+
+
+def two_pools(tmp_path: Path, listener: str) -> Path:
+    path = config(tmp_path, listener=listener)
+    api = '\n[pools.api]\nbackends = [{ name = "b", address = "127.0.0.1:9002" }]\n'
+    path.write_text(path.read_text() + api)
+    return path
+
+
+def test_routes(tmp_path: Path) -> None:
+    cfg = load(
+        two_pools(
+            tmp_path,
+            'routes = [{ host = "api.example.com", pool = "api" }, '
+            '{ host = "*.example.org", path_prefix = "/v2/", pool = "api" }]',
+        )
+    )
+    lc = cfg.listeners[0]
+    assert [(r.pool, r.host, r.path_prefix) for r in lc.routes] == [
+        ("api", "api.example.com", ""),
+        ("api", "*.example.org", "/v2/"),
+    ]
+    assert lc.pools == ("app", "api")
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        ('[{ host = "a.example.com", pool = "nope" }]', "listeners[0].routes[0].pool: no pool named 'nope'"),
+        ('[{ pool = "api" }]', "listeners[0].routes[0]: a route needs host, path_prefix or both"),
+        ('[{ host = "https://a.example.com", pool = "api" }]', "listeners[0].routes[0].host: "),
+        ('[{ host = "a.example.com:80", pool = "api" }]', "listeners[0].routes[0].host: "),
+        ('[{ path_prefix = "api/", pool = "api" }]', "listeners[0].routes[0].path_prefix: must start with /"),
+        ('[{ path_prefix = "/a b", pool = "api" }]', "listeners[0].routes[0].path_prefix: "),
+        ('[{ host = "a.example.com", pool = "api", w = 2 }]', "listeners[0].routes[0].w: unknown key"),
+    ],
+)
+def test_route_errors_name_the_key(tmp_path: Path, routes: str, expected: str) -> None:
+    assert expected in error(two_pools(tmp_path, f"routes = {routes}"))
+
+
+def test_routes_are_for_http_listeners(tmp_path: Path) -> None:
+    message = error(two_pools(tmp_path, 'mode = "tcp"\nroutes = [{ host = "a.example.com", pool = "api" }]'))
+    assert "listeners[0].routes: routes choose a pool by host and path: HTTP listeners only" in message
