@@ -437,3 +437,62 @@ def test_listeners_without_rules_or_stickiness_get_no_hook() -> None:
             assert (await r.get()).status == 200
 
     run(main())
+
+
+def test_a_routed_pool_brings_its_own_sticky_sessions() -> None:
+    """Routes: `/api/` goes to the sticky `api` pool (cookies, mappings under "api"), the rest to the
+    listener's `app` pool, which has no stickiness (no cookie); the listener's rate limit counts both."""
+
+    async def main() -> None:
+        demo = {f"web{i}": DemoBackend(f"web{i}", "127.0.0.1", 0) for i in range(1, 5)}
+        for b in demo.values():
+            await b.start()
+        port = free_port()
+
+        def pool(names: list[str], **extra: Any) -> dict[str, Any]:
+            backends = [{"name": n, "address": f"127.0.0.1:{demo[n].port}"} for n in names]
+            return {"backends": backends, "health": {"kind": "none"}, **extra}
+
+        doc: dict[str, Any] = {
+            "node": {"name": "t", "admin": f"127.0.0.1:{free_port()}"},
+            "listeners": [
+                {
+                    "name": "web",
+                    "bind": f"127.0.0.1:{port}",
+                    "pool": "app",
+                    "routes": [{"path_prefix": "/api/", "pool": "api"}],
+                    "ratelimits": ["all"],
+                }
+            ],
+            "pools": {
+                "app": pool(["web1", "web2"]),
+                "api": pool(["web3", "web4"], sticky={"mode": "cookie"}),
+            },
+            "state": {"url": "redis://127.0.0.1:1/0"},  # replaced by the MemoryStore below
+            "ratelimits": {"all": {"key": "client_ip", "rate": 0.01, "burst": 6}},
+        }
+        config = parse(doc, "test.toml")
+        pools = build_pools(config)
+        store = MemoryStore()
+        runtime = StateRuntime(config, store=store)
+        server = ProxyServer(list(config.listeners), pools, state=runtime)
+        await server.start()
+        try:
+            client = Client(*await asyncio.open_connection("127.0.0.1", port))
+            api = [await client.get("/api/users") for _ in range(2)]
+            assert [r.backend for r in api] == ["web3", "web4"] and all(r.cookie for r in api)
+            for reply in api:
+                assert store._sessions[("api", reply.cookie)][0] == reply.backend
+                again = await client.get("/api/users", Cookie=f"HALBSID={reply.cookie}")
+                assert (again.backend, again.cookie) == (reply.backend, None)
+            site = [await client.get("/") for _ in range(2)]
+            assert [r.backend for r in site] == ["web1", "web2"] and not any(r.cookie for r in site)
+            assert (await client.get("/")).status == 429  # the 7th request: one budget for both pools
+            client.close()
+        finally:
+            await server.close()
+            await runtime.aclose()
+            for b in demo.values():
+                await b.close()
+
+    run(main())
