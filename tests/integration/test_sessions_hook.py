@@ -83,6 +83,19 @@ class Rig:
         return stats
 
 
+async def start_proxy(
+    doc: dict[str, Any],
+) -> tuple[Config, dict[str, Pool], MemoryStore, StateRuntime, ProxyServer]:
+    """A started ProxyServer for a config document, its [state] on a MemoryStore in place of Redis."""
+    config = parse(doc, "test.toml")
+    pools = build_pools(config)
+    store = MemoryStore()
+    runtime = StateRuntime(config, store=store)
+    server = ProxyServer(list(config.listeners), pools, state=runtime)
+    await server.start()
+    return config, pools, store, runtime, server
+
+
 @asynccontextmanager
 async def rig(
     sticky: dict[str, Any] | None = None,
@@ -116,12 +129,7 @@ async def rig(
     if ratelimits:
         doc["ratelimits"] = ratelimits
         doc["listeners"][0]["ratelimits"] = listener_rules or list(ratelimits)
-    config = parse(doc, "test.toml")
-    pools = build_pools(config)
-    store = MemoryStore()
-    runtime = StateRuntime(config, store=store)
-    server = ProxyServer(list(config.listeners), pools, state=runtime)
-    await server.start()
+    config, pools, store, runtime, server = await start_proxy(doc)
     runtime.start()
     r = Rig(config, pools, store, runtime, server, demo, port, [])
     try:
@@ -471,12 +479,7 @@ def test_a_routed_pool_brings_its_own_sticky_sessions() -> None:
             "state": {"url": "redis://127.0.0.1:1/0"},  # replaced by the MemoryStore below
             "ratelimits": {"all": {"key": "client_ip", "rate": 0.01, "burst": 6}},
         }
-        config = parse(doc, "test.toml")
-        pools = build_pools(config)
-        store = MemoryStore()
-        runtime = StateRuntime(config, store=store)
-        server = ProxyServer(list(config.listeners), pools, state=runtime)
-        await server.start()
+        _, _, store, runtime, server = await start_proxy(doc)
         try:
             client = Client(*await asyncio.open_connection("127.0.0.1", port))
             api = [await client.get("/api/users") for _ in range(2)]
