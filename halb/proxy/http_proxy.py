@@ -1,18 +1,19 @@
 """The HTTP/1.1 reverse proxy: one `HttpConnection` (protocol + coroutine) per client connection.
 
-How this works: `HttpListener` holds what one listener shares (config, pool, backend connection pool,
-stats, the set of live connections). Each accepted connection is an `HttpConnection`, a `Channel` whose
-task loops: read a request head (idle wait bounded by `client_timeout`, or `header_timeout` for the first
-request; once a byte arrived the whole head must come within `header_timeout`, else 408), parse it strictly
-(`http_codec`), pick a backend with `pool.choose()`, take a pooled keep-alive connection to it or connect
+How this works: `HttpListener` holds what one listener shares (config, pool, backend connection pool, stats,
+the set of live connections). Each accepted connection is an `HttpConnection`, a `Channel` whose task loops:
+read a request head (idle wait bounded by `client_timeout`, or `header_timeout` for the first request; once a
+byte arrived the whole head must come within `header_timeout`, else 408), parse it strictly (`http_codec`),
+find its pool (the listener's, or a route's: halb.proxy.routes; a `redirect_to_https` listener answers 301/308
+here instead), pick a backend with `pool.choose()`, take a pooled keep-alive connection to it or connect
 (connect failures are reported to the pool and retried on other backends, at most `retries` more), send the
 rewritten head (hop-by-hop headers stripped; X-Forwarded-For appended, X-Forwarded-Proto set, X-Request-ID
-kept or generated), then stream the request body from a helper task while the main task waits for the
-response head (`timeout` seconds, counted from when the request was fully sent; else 504), forwards 1xx
-interim responses, rewrites the final head and streams the response body. Bodies are never buffered whole:
-each side's `Channel` stops reading past its high-water mark and the writer waits for the other side's
-transport to drain, so a slow reader holds back the fast writer and memory stays bounded per connection.
-Requests are served strictly in order; pipelined requests wait in the client buffer (which is bounded too).
+kept or generated), then stream the request body from a helper task while the main task waits for the response
+head (`timeout` seconds, counted from when the request was fully sent; else 504), forwards 1xx interim
+responses, rewrites the final head and streams the response body. Bodies are never buffered whole: each side's
+`Channel` stops reading past its high-water mark and the writer waits for the other side's transport to drain,
+so a slow reader holds back the fast writer and memory stays bounded per connection. Requests are served
+strictly in order; pipelined requests wait in the client buffer (which is bounded too).
 
 Inline requests: while the task is parked waiting for the next request, a simple one (a complete head, no
 body, a pooled backend connection, a whole Content-Length response) is served from the protocol callbacks
