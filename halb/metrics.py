@@ -154,6 +154,17 @@ class StatusCollector(Collector):
         )
         restarts.add_metric([node], doc["node"]["worker_restarts_total"])
         yield restarts
+        access_log = doc.get("access_log")
+        if access_log is not None:
+            for key, help_text in (
+                ("lines_total", "Access log lines written"),
+                ("dropped_lines_total", "Access log lines lost (the file could not be opened or written)"),
+            ):
+                family = CounterMetricFamily(
+                    f"halb_access_log_{key[: -len('_total')]}", help_text, labels=["node"]
+                )
+                family.add_metric([node], access_log[key])
+                yield family
         yield from _vrrp_metrics(node, doc.get("vrrp"))
         yield from state_report.metrics(node, doc.get("state"))  # [state]: degraded, fallbacks, 429s
 

@@ -367,6 +367,11 @@ class Node:
             "pools": pools,
             "generated_monotonic": now,
         }
+        if self.config.node.access_log:
+            doc["access_log"] = {
+                "path": self.config.node.access_log,
+                **{"lines_total": 0, "dropped_lines_total": 0, **self.supervisor.access_log_totals()},
+            }
         if self.vrrp is not None:
             doc["vrrp"] = {"instances": [self.vrrp.snapshot()]}
             if self.lease_guard is not None:

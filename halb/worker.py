@@ -83,6 +83,8 @@ class Worker:
             "pools": {name: {"no_backend_total": p.no_backend_total} for name, p in self.pools.items()},
             "listeners": self.server.stats()["listeners"],
         }
+        if self.access_log is not None:
+            message["access_log"] = self.access_log.stats()
         state = self.state.stats()
         if state is not None:
             message["state"] = state  # store status and sticky/rate-limit counters (halb.state_report)

@@ -55,6 +55,7 @@ class WorkerSupervisor:
         self.workers: dict[int, WorkerHandle] = {}
         self.retired: dict[tuple[str, str], dict[str, float]] = {}
         self.retired_listeners: dict[str, dict[str, Any]] = {}
+        self.retired_access_log: dict[str, int] = {}
         self.retired_no_backend: dict[str, int] = {}  # pool -> 503s without a backend, of dead workers
         self.retired_state: dict[str, Any] = {}  # [state] counters of dead workers (halb.state_report)
         self.stopping = False
@@ -155,6 +156,8 @@ class WorkerSupervisor:
             self.retired_no_backend[name] = self.retired_no_backend.get(name, 0) + counters.get(
                 "no_backend_total", 0
             )
+        for key, value in handle.stats.get("access_log", {}).items():
+            self.retired_access_log[key] = self.retired_access_log.get(key, 0) + value
         state_report.retire(self.retired_state, handle.stats.get("state"))
         handle.stats = {}
 
@@ -227,6 +230,14 @@ class WorkerSupervisor:
                         slot[key] = slot.get(key, 0) + value
                     elif isinstance(value, dict):  # counters by label (responses, bad_requests, rejected)
                         state_report.add_counts(slot.setdefault(key, {}), value)
+        return totals
+
+    def access_log_totals(self) -> dict[str, int]:
+        """Access log lines written and dropped by every worker (live ones plus retired)."""
+        totals = dict(self.retired_access_log)
+        for handle in self.workers.values():
+            for key, value in handle.stats.get("access_log", {}).items():
+                totals[key] = totals.get(key, 0) + value
         return totals
 
     def no_backend_totals(self) -> dict[str, int]:

@@ -8,6 +8,8 @@ or on `flush()` (at shutdown): logging costs one string format per request, not 
 (SIGHUP, after logrotate moved the file away) writes what is waiting and opens the path again. When the
 file cannot be opened (no permission) or a write fails (disk full) the lines are dropped and counted in
 `dropped_lines`, with an error logged at most once a minute: the proxy never stops serving for its log.
+`stats()` (lines written, lines dropped) goes to the supervisor with each worker's stats: `/status` and
+`/metrics` show the node's totals.
 
 Lines (times in milliseconds, `-1` when that stage was not reached):
 
@@ -41,7 +43,8 @@ class AccessLog:
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.path = path
         self.loop = loop
-        self.dropped_lines = 0
+        self.lines_total = 0  # lines written
+        self.dropped_lines = 0  # lines lost (the file could not be opened or written)
         self._fd = -1
         self._lines: list[str] = []
         self._size = 0
@@ -131,12 +134,16 @@ class AccessLog:
             while data:
                 written = os.write(self._fd, data)
                 data = data[written:]
+            self.lines_total += count
         except OSError as exc:
             self.dropped_lines += count
             now = time.monotonic()
             if now - self._last_error >= ERROR_LOG_INTERVAL:
                 self._last_error = now
                 log.error("access log %s: cannot write (%s); lines are dropped", self.path, exc)
+
+    def stats(self) -> dict[str, int]:
+        return {"lines_total": self.lines_total, "dropped_lines_total": self.dropped_lines}
 
     def reopen(self) -> None:
         """SIGHUP: write what waits, then open the path again (logrotate moved the old file away)."""

@@ -241,6 +241,9 @@ def test_access_log_is_written_by_every_worker_and_reopened_on_sighup(
         assert get(f"/before/{i}").startswith(b"HTTP/1.1 200 ")
     wait_for(lambda: len(logged(log_path)) == 6, timeout=5)  # written within a second
     assert all(" web app/web1 " in line and '"GET /before/' in line for line in logged(log_path))
+    wait_for(lambda: status(admin).get("access_log", {}).get("lines_total") == 6, timeout=5)
+    assert status(admin)["access_log"] == {"path": str(log_path), "lines_total": 6, "dropped_lines_total": 0}
+    assert 'halb_access_log_lines_total{node="edge"} 6.0' in metrics(admin)
 
     rotated = tmp_path / "access.log.1"
     log_path.rename(rotated)  # logrotate, then its postrotate: kill -HUP
