@@ -66,16 +66,19 @@ def render_node(doc: dict[str, Any]) -> Panel:
     if not doc["listeners"] and not doc["pools"]:  # a witness: Raft only
         return Panel(Group(*parts), title=f"[b]{node['name']}[/b] {doc['admin']}", border_style=state_style)
     listeners = Table(title="listeners", title_justify="left", expand=False, box=None, pad_edge=False)
-    for col in ("name", "bind", "mode", "pool", "requests", "active"):
+    for col in ("name", "bind", "mode", "pool", "requests", "active", "refused"):
         listeners.add_column(col)
     for lc in doc["listeners"]:
+        routes = lc.get("routes") or []
+        refused = sum(lc.get("rejected", {}).values())  # by a limit or the allow/deny lists
         listeners.add_row(
             lc["name"],
             lc["bind"],
             lc["mode"],
-            lc["pool"],
+            lc["pool"] + (f" +{len(routes)} route{'s' if len(routes) > 1 else ''}" if routes else ""),
             str(lc.get("requests_total", 0)),
             str(lc.get("active_connections", lc.get("client_connections_active", 0))),
+            str(refused) if refused else "-",
         )
     parts.append(listeners)
     for pool in doc["pools"]:
