@@ -222,9 +222,36 @@ def _listener(r: Reader) -> ListenerConfig:
         tls=_tls(r.sub("tls")),
         ratelimits=listener_ratelimits(r),  # [state]/[ratelimits] keys: halb.config_state
         routes=tuple(_route(route) for route in r.items("routes")),
+        response_headers=_response_headers(r.sub("response_headers")),
     )
     r.done()
     return listener
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Response headers the proxy writes itself: framing, hop-by-hop, and the request id.
+_PROXY_OWNED = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+    | {"content-length", "x-request-id"}
+)
+
+
+def _response_headers(r: Reader | None) -> tuple[tuple[str, str], ...]:
+    """`response_headers = { "Strict-Transport-Security" = "max-age=63072000" }`"""
+    if r is None:
+        return ()
+    headers = []
+    for name in list(r.table):
+        value = r.str(name)
+        if not _TOKEN.match(name):
+            r.fail(name, "is not a valid header name")
+        if name.lower() in _PROXY_OWNED:
+            r.fail(name, "is set by the proxy itself (framing, hop-by-hop or the request id)")
+        if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F or ord(c) > 0xFF for c in value):
+            r.fail(name, "the value has a control character or a character outside Latin-1")
+        headers.append((name, value.strip(" \t")))
+    r.done()
+    return tuple(headers)
 
 
 _ROUTE_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
@@ -653,6 +680,8 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
                     f"routes[{j}].pool",
                     f"pool {route.pool!r} has send_proxy, which only TCP listeners can use",
                 )
+        if listener.response_headers and listener.mode != "http":
+            lr.fail("response_headers", 'HTTP listeners only (mode = "http")')
         if listener.routes and listener.mode != "http":
             lr.fail("routes", 'routes choose a pool by host and path: HTTP listeners only (mode = "http")')
         if listener.routes and listener.redirect_to_https:

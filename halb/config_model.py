@@ -75,6 +75,8 @@ class ListenerConfig:
     tls: TlsConfig | None = None  # terminate TLS on this listener; backends get plain HTTP/TCP
     ratelimits: tuple[str, ...] = ()  # names of [ratelimits.NAME] rules, checked in order (HTTP only)
     routes: tuple[RouteConfig, ...] = ()  # HTTP: first match sends a request to another pool
+    # HTTP: (name, value) set on every response from a backend, replacing the backend's own (e.g. HSTS)
+    response_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def pools(self) -> tuple[str, ...]:

@@ -174,6 +174,21 @@ def _switches_to_websocket(resp: ResponseHead) -> bool:
     return b"upgrade" in resp.connection_tokens and len(upgrades) == 1 and upgrades[0].lower() == b"websocket"
 
 
+class SetHeaders:
+    """A listener's `response_headers`: set on every response from a backend, replacing the backend's
+    own fields of those names (HAProxy's `http-response set-header`)."""
+
+    __slots__ = ("drop", "lines", "names")
+
+    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self.lines = b"".join(
+            b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")) for name, value in pairs
+        )
+        self.names = frozenset(name.lower().encode() for name, _ in pairs)
+        alternatives = b"|".join(re.escape(name.encode()) for name, _ in pairs)
+        self.drop = re.compile(rb"\r\n(?:" + alternatives + rb"):[^\r]*+", re.IGNORECASE)
+
+
 class _DeadReused(Exception):
     """A reused keep-alive connection was found closed before any response byte: resend on a fresh one."""
 
@@ -213,6 +228,8 @@ class HttpListener:
         self.lingering: set[asyncio.Transport] = set()
         self.draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
+        # Fields set on every response from a backend (`response_headers`, e.g. HSTS), or None.
+        self.set_headers = SetHeaders(config.response_headers) if config.response_headers else None
         # The pool of each request: the listener's own (`default`), or a route's (halb.proxy.routes).
         self.router = Router(PoolRoute(pool, queue, sessions), routes)
         self.default = self.router.default
@@ -665,7 +682,7 @@ class HttpConnection(Channel):
         now = self.loop.time()
         backend.on_response(now - self._t0)
         keep = req.keep_alive and not listener.draining
-        out = self._response_head(resp, inline.rid, keep, req.minor)
+        out = self._response_head(resp, inline.rid, keep, req.minor, set_headers=listener.set_headers)
         if inline.length:
             out += data[inline.head_end :]
         try:
@@ -1069,7 +1086,7 @@ class HttpConnection(Channel):
                 and not rframer.close_delimited
                 and (req.minor == 1 or not resp.chunked)
             )
-            head = self._response_head(resp, rid, keep, req.minor)
+            head = self._response_head(resp, rid, keep, req.minor, set_headers=listener.set_headers)
             if self.sticky is not None and self.sticky.cookie:  # [state] hook: a new session's cookie
                 head = head[:-2] + self.sticky.cookie + b"\r\n"
             out_bytes = len(head)
@@ -1315,20 +1332,29 @@ class HttpConnection(Channel):
 
     @staticmethod
     def _response_head(
-        resp: ResponseHead, rid: bytes, keep: bool, minor: int, *, interim: bool = False
+        resp: ResponseHead,
+        rid: bytes,
+        keep: bool,
+        minor: int,
+        *,
+        interim: bool = False,
+        set_headers: SetHeaders | None = None,
     ) -> bytes:
         """The head sent to the client: the backend's field lines as they came (`resp.kept`), except the
-        hop-by-hop and rewritten ones, then Transfer-Encoding, Content-Length, X-Request-ID, Connection."""
+        hop-by-hop and rewritten ones (and those `set_headers` replaces), then Transfer-Encoding, the
+        listener's `set_headers`, Content-Length, X-Request-ID, Connection."""
         tokens = resp.connection_tokens
         if tokens and not tokens <= _PLAIN_CONNECTION_TOKENS:
             out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason)]
+            replaced = set_headers.names if set_headers is not None else frozenset()
             for name, value in resp.headers:
                 lname = name.lower()
-                if lname in _RESP_DROP or lname in tokens:
+                if lname in _RESP_DROP or lname in tokens or lname in replaced:
                     continue
                 out += (name, b": ", value, b"\r\n")
         else:
-            out = [b"HTTP/1.1 %d %s" % (resp.status, resp.reason), resp.kept]
+            kept = resp.kept if set_headers is None else set_headers.drop.sub(b"", resp.kept)
+            out = [b"HTTP/1.1 %d %s" % (resp.status, resp.reason), kept]
             if resp.chunked or resp.te_other:  # the body passes unchanged, and so does its framing
                 for lname, value in resp.special:
                     if lname == b"transfer-encoding":
@@ -1336,6 +1362,8 @@ class HttpConnection(Channel):
         if interim:
             out.append(b"\r\n")
             return b"".join(out)
+        if set_headers is not None:
+            out.append(set_headers.lines)
         if resp.content_length is not None:
             out.append(b"Content-Length: %d\r\n" % resp.content_length)
         if rid:

@@ -1039,3 +1039,32 @@ def test_routes_send_requests_to_other_pools_by_host_and_path(tmp_path: Path) ->
             assert pools_logged == ["app", "api", "static", "api", "app"] * 2
 
     run(main)
+
+
+def test_response_headers_replace_the_backends_own() -> None:
+    async def handler(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nStrict-Transport-Security: max-age=1\r\nX-Kept: yes\r\n"
+            b"strict-transport-security: max-age=2\r\nContent-Length: 2\r\n\r\nok"
+            if req.method == "GET"
+            else b"HTTP/1.1 200 OK\r\nX-Kept: yes\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        sets = (("Strict-Transport-Security", "max-age=63072000"), ("X-Frame-Options", "DENY"))
+        async with backends(handler) as (be,), proxy(make_pool([be.port]), response_headers=sets) as (_, a):
+            client = await Client.connect(a)
+            for resp in (
+                await client.get("/"),  # (the first: through the task; the second: inline)
+                await client.get("/"),
+                await client.request(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx", "POST"),
+            ):
+                assert resp.status == 200 and resp.body == b"ok"
+                names = [k.lower() for k, _ in resp.headers]
+                assert names.count("strict-transport-security") == 1 and names.count("x-frame-options") == 1
+                assert resp.get("strict-transport-security") == "max-age=63072000"
+                assert resp.get("x-frame-options") == "DENY" and resp.get("x-kept") == "yes"
+
+    run(main)

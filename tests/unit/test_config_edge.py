@@ -204,3 +204,18 @@ def test_route_errors_name_the_key(tmp_path: Path, routes: str, expected: str) -
 def test_routes_are_for_http_listeners(tmp_path: Path) -> None:
     message = error(two_pools(tmp_path, 'mode = "tcp"\nroutes = [{ host = "a.example.com", pool = "api" }]'))
     assert "listeners[0].routes: routes choose a pool by host and path: HTTP listeners only" in message
+
+
+def test_response_headers(tmp_path: Path) -> None:
+    hsts = 'response_headers = { "Strict-Transport-Security" = "max-age=600" }'
+    cfg = load(config(tmp_path, listener=hsts))
+    assert cfg.listeners[0].response_headers == (("Strict-Transport-Security", "max-age=600"),)
+    for table, problem in (
+        ('{ "Bad Name" = "x" }', "listeners[0].response_headers.Bad Name: is not a valid header name"),
+        ('{ "Content-Length" = "1" }', "listeners[0].response_headers.Content-Length: is set by the proxy"),
+        ('{ "X-A" = "a\\nb" }', "listeners[0].response_headers.X-A: the value has a control character"),
+        ('{ "X-A" = 1 }', "listeners[0].response_headers.X-A: expected a string"),
+    ):
+        assert problem in error(config(tmp_path, listener=f"response_headers = {table}"))
+    message = error(config(tmp_path, listener='mode = "tcp"\nresponse_headers = { "X-A" = "1" }'))
+    assert "listeners[0].response_headers: HTTP listeners only" in message
