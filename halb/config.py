@@ -42,6 +42,7 @@ from halb.config_state import (
     parse_sticky,
 )
 from halb.errors import ConfigError
+from halb.proxy.source_acl import parse_network
 
 
 def _algorithms() -> list[str]:
@@ -281,9 +282,9 @@ def _networks(r: Reader, name: str) -> tuple[str, ...]:
     values = r.str_list(name)
     for i, value in enumerate(values):
         try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            r.fail(f"{name}[{i}]", f"{value!r} is not an IP address or network (like 10.0.0.0/8)")
+            parse_network(value)
+        except ValueError as exc:
+            r.fail(f"{name}[{i}]", str(exc))
     return tuple(values)
 
 

@@ -85,6 +85,8 @@ class Node:
         self.started_at = time.time()
         self.state = "starting"
         self.pools = build_pools(config)
+        # Every pool a listener sends to (its own, its routes'): what VRRP's `track.pools` watches.
+        self._served_pools = tuple(dict.fromkeys(name for lc in config.listeners for name in lc.pools))
         rng = random.Random()
         self.checkers = {
             name: HealthChecker(pool, rng=rng, on_transition=self._on_backend_transition)
@@ -140,7 +142,7 @@ class Node:
         backend (check `pool:<name>`)."""
         if self.vrrp is None or self.config.vrrp is None or not self.config.vrrp.track.pools:
             return
-        for name in dict.fromkeys(name for lc in self.config.listeners for name in lc.pools):
+        for name in self._served_pools:
             pool = self.pools.get(name)
             if pool is not None:
                 self.vrrp.set_check(f"pool:{name}", pool.healthy_count > 0)

@@ -88,7 +88,7 @@ class AccessLog:
     ) -> None:
         line = request_line.decode("latin-1").replace('"', "%22") if request_line is not None else "<BADREQ>"
         self._add(
-            f"{client}:{port} [{self._date()}] {listener} {pool}/{backend} {_ms(tr)}/{_ms(ta)} {status} "
+            f"{self._head(client, port, listener, pool, backend)} {_ms(tr)}/{_ms(ta)} {status} "
             f'{nbytes} "{line}" {request_id.decode("latin-1") or "-"}\n'
         )
 
@@ -106,9 +106,13 @@ class AccessLog:
         end: str,
     ) -> None:
         self._add(
-            f"{client}:{port} [{self._date()}] {listener} {pool}/{backend} {_ms(tc)}/{_ms(tt)} "
+            f"{self._head(client, port, listener, pool, backend)} {_ms(tc)}/{_ms(tt)} "
             f"{bytes_up}/{bytes_down} {end}\n"
         )
+
+    def _head(self, client: str, port: int, listener: str, pool: str, backend: str) -> str:
+        """What both kinds of line start with: who, when, where."""
+        return f"{client}:{port} [{self._date()}] {listener} {pool}/{backend}"
 
     def _add(self, line: str) -> None:
         self._lines.append(line)

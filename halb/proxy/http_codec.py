@@ -114,6 +114,8 @@ _RESPONSE_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
+# A Host value: a DNS name or IPv4 address, or [IPv6], then an optional port (matched lower-cased).
+_HOST_NAME = re.compile(rb"([a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def _specials(regex: re.Pattern[bytes], raw: bytes, start: int) -> list[Special]:
@@ -200,6 +202,12 @@ class RequestHead:
             if name.lower() == lname:
                 return value
         return None
+
+    def host_name(self) -> bytes | None:
+        """The Host header's name, lower-cased and without its port ("API.example.com:8443" ->
+        "api.example.com", "[::1]:80" -> "[::1]"); None when there is none or it is not a host name."""
+        m = _HOST_NAME.fullmatch((self.header(b"host") or b"").lower())
+        return m.group(1) if m is not None else None
 
     @property
     def path(self) -> bytes:
@@ -370,7 +378,8 @@ def _content_length(value: bytes, current: int | None, error_status: int) -> int
     return result
 
 
-def _tokens(value: bytes) -> list[bytes]:
+def header_tokens(value: bytes) -> list[bytes]:
+    """The lower-cased tokens of a comma-separated field value (Connection, Transfer-Encoding, Upgrade)."""
     lower = value.lower()
     if lower == b"keep-alive" or lower == b"close":
         return [lower]  # the common case: one plain token
@@ -434,7 +443,7 @@ def parse_request_head(
             if rawvalue.lower() not in (b"chunked", b" chunked"):
                 raise _bad("unsupported or obfuscated Transfer-Encoding", "smuggling")
         elif lname == _CONNECTION:
-            tokens += _tokens(value)
+            tokens += header_tokens(value)
         elif lname == _EXPECT:
             expect_continue = value.lower() == b"100-continue"
         elif lname == _UPGRADE:
@@ -522,11 +531,11 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
         if lname == _CONTENT_LENGTH:
             content_length = _content_length(value, content_length, 502)
         elif lname == _TRANSFER_ENCODING:
-            codings.extend(_tokens(value))
+            codings.extend(header_tokens(value))
             if not codings:
                 raise _bad("empty Transfer-Encoding", "bad_response", 502)
         elif lname == _CONNECTION:
-            tokens += _tokens(value)
+            tokens += header_tokens(value)
     kept = parts[0] if len(parts) == 1 else b"".join(parts[0::3])
     connection = frozenset(tokens) if tokens else _NO_TOKENS
     if minor == 1:

@@ -19,7 +19,7 @@ Inline requests: while the task is parked waiting for the next request, a simple
 body, a pooled backend connection, a whole Content-Length response) is served from the protocol callbacks
 without waking the task (`_serve_inline`); whatever else happens is handed to the task at the stage the
 callbacks reached, so the task remains the one place where errors, timeouts, bodies and retries are
-handled. Listeners with a sessions hook or a maxconn queue (both may wait) never serve inline.
+handled. Requests to a pool with a sessions hook or a maxconn queue (both may wait) are never served inline.
 
 Retries: a request is resent only (a) to another backend when the connect failed, nothing was sent yet;
 (b) on a fresh connection to the same backend when a *reused* pooled connection turned out dead (write
@@ -68,6 +68,7 @@ from halb.proxy.http_codec import (
     RequestHead,
     ResponseHead,
     find_head_end,
+    header_tokens,
     parse_request_head,
     parse_response_head,
     request_framer,
@@ -126,8 +127,6 @@ _PROTECTED = frozenset({b"host"})
 # ("upgrade" names the Upgrade header, which the proxy drops or rewrites itself.)
 _PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 _UPGRADE_WEBSOCKET = b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-# A Host header a redirect may name: a DNS name or IPv4 address, or [IPv6], then an optional port.
-_HOST = re.compile(rb"([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 BODY_FLUSH_BYTES = 1 << 20  # report backend bytes at least every MiB of a long response
 # After answering a request whose bytes were not all read (errors), keep reading and discarding for this
@@ -164,7 +163,7 @@ def _websocket_upgrade(req: RequestHead) -> bool:
         and req.minor == 1
         and b"upgrade" in req.connection_tokens
         and not req.has_body
-        and b"websocket" in (token.strip(b" \t").lower() for token in req.upgrade.split(b","))
+        and b"websocket" in header_tokens(req.upgrade)
     )
 
 
@@ -689,18 +688,15 @@ class HttpConnection(Channel):
             self.write(out)
         except ConnectionError:
             keep = False  # the client is gone; its connection_lost ends the connection
-            if listener.access_log is not None:
-                self._logbackend = backend
-                self._log_request()  # (status -1: the answer could not be delivered)
         else:
             stats.bytes_out += len(out)
             stats.inline_total += 1
             status = resp.status
             stats.responses["2xx" if 200 <= status < 300 else _status_class(status)] += 1
-            if listener.access_log is not None:
-                self._log_status, self._log_bytes, self._log_tr = status, len(out), now - self._t0
-                self._logbackend = backend
-                self._log_request()
+            self._log_status, self._log_bytes = status, len(out)
+        if listener.access_log is not None:  # (status -1 when the answer could not be delivered)
+            self._log_tr, self._logbackend = now - self._t0, backend
+            self._log_request()
         backend.on_connection_closed()
         if resp.keep_alive and not up.buf and not up.eof and not up.closed:
             listener.upstream.release(backend, up, now)
@@ -1377,25 +1373,25 @@ class HttpConnection(Channel):
         return b"".join(out)
 
     def _log_request(self) -> None:
-        """Write the access log line of the request that just ended (halb.proxy.access_log), and forget it."""
-        access_log = self.listener.access_log
+        """Write the access log line of the request that just ended (halb.proxy.access_log), and forget
+        it. Callers check that the listener has an access log."""
+        listener = self.listener
+        access_log = listener.access_log
+        assert access_log is not None
         req, backend = self._logreq, self._logbackend
-        if access_log is not None:
-            listener = self.listener
-            ta = self.loop.time() - self._t0 if req is not None else 0.0
-            access_log.http(
-                self.client_ip,
-                self.client_port,
-                listener.config.name,
-                self.route.pool.name if req is not None else listener.pool.name,
-                backend.name if backend is not None else "-",
-                self._log_tr,
-                ta,
-                self._log_status,
-                self._log_bytes,
-                b"%s %s HTTP/1.%d" % (req.method, req.target, req.minor) if req is not None else None,
-                self._logrid,
-            )
+        access_log.http(
+            self.client_ip,
+            self.client_port,
+            listener.config.name,
+            self.route.pool.name if req is not None else listener.pool.name,
+            backend.name if backend is not None else "-",
+            self._log_tr,
+            self.loop.time() - self._t0 if req is not None else 0.0,
+            self._log_status,
+            self._log_bytes,
+            b"%s %s HTTP/1.%d" % (req.method, req.target, req.minor) if req is not None else None,
+            self._logrid,
+        )
         self._logreq = self._logbackend = None
         self._logrid = b""
         self._log_status = -1
@@ -1405,12 +1401,11 @@ class HttpConnection(Channel):
     def _redirect_to_https(self, req: RequestHead, rid: bytes, body_done: bool) -> bool:
         """`redirect_to_https`: 301 (GET, HEAD) or 308 (any other method, which must be kept) to the same
         host and target over https; no backend is asked. True when the connection stays open."""
-        m = _HOST.fullmatch(req.header(b"host") or b"")
-        if m is None:
+        host = req.host_name()
+        if host is None:
             self.listener.stats.count_bad_request("bad_host")
             return self._fail(400, "no valid Host to redirect to", req, rid, body_done)
         port = self.listener.config.https_port
-        host = m.group(1)
         authority = host if port == 443 else b"%s:%d" % (host, port)
         target = req.target
         if not target.startswith(b"/"):  # absolute form (http://host/path): keep the path

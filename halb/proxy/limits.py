@@ -267,19 +267,18 @@ class BackendQueue:
         """A request/connection to `backend` ended: hand the slot to the first waiter of that backend's own
         queue, else to the first waiter of the pool's queue, if any."""
         own = self._backend_waiters.get(backend) if backend is not None else None
-        while own:
-            fut = own.popleft()
-            if not fut.done():
-                self._handoff += 1
-                fut.set_result(None)
-                return
-        waiters = self._waiters
+        if not (own and self._wake_first(own)):
+            self._wake_first(self._waiters)
+
+    def _wake_first(self, waiters: deque[asyncio.Future[None]]) -> bool:
+        """Hand the slot to the first waiter still waiting in `waiters`; False when there is none."""
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
                 self._handoff += 1
                 fut.set_result(None)
-                return
+                return True
+        return False
 
 
 def _expire(fut: asyncio.Future[None]) -> None:

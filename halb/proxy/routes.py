@@ -108,18 +108,9 @@ class Router:
         matches = self._matches
         if not matches:
             return self.default
-        host = _host(req.header(b"host") or b"")
+        host = req.host_name() or b""
         path = req.path
         for match in matches:
             if match.matches(host, path):
                 return match.target
         return self.default
-
-
-def _host(value: bytes) -> bytes:
-    """A Host header's name, lower-cased, without the port ("[::1]:8080" -> "[::1]")."""
-    value = value.lower()
-    if value.startswith(b"["):
-        end = value.find(b"]")
-        return value[: end + 1] if end > 0 else value
-    return value.partition(b":")[0]

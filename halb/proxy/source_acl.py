@@ -49,12 +49,20 @@ class SourceAcl:
         return not self.allow or any(address in net for net in self.allow)
 
 
+def parse_network(value: str) -> Network:
+    """ "10.0.0.0/8", "192.0.2.7" (one address) or "2001:db8::/32"; ValueError saying what is wrong."""
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not an IP address or network (like 10.0.0.0/8)") from None
+
+
 def parse_networks(values: Sequence[str]) -> list[Network]:
-    """`["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]` -> networks; ValueError names the bad entry."""
+    """A list of `parse_network` values; the ValueError names the bad entry's index."""
     networks: list[Network] = []
     for i, value in enumerate(values):
         try:
-            networks.append(ipaddress.ip_network(value, strict=False))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"[{i}]: {value!r} is not an address or network ({exc})") from None
+            networks.append(parse_network(value))
+        except ValueError as exc:
+            raise ValueError(f"[{i}]: {exc}") from None
     return networks

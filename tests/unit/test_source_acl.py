@@ -41,5 +41,5 @@ def test_verdicts_are_cached_and_the_cache_is_bounded(monkeypatch: pytest.Monkey
 
 
 def test_parse_networks_names_the_bad_entry() -> None:
-    with pytest.raises(ValueError, match=r"\[1\]: 'nope' is not an address or network"):
+    with pytest.raises(ValueError, match=r"\[1\]: 'nope' is not an IP address or network"):
         parse_networks(["10.0.0.0/8", "nope"])
