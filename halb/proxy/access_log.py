@@ -21,7 +21,8 @@ Lines (times in milliseconds, `-1` when that stage was not reached):
 client abandoned, `<backend>` `-` when none was reached, the request line `<BADREQ>` when it could not
 be parsed (a `"` in it is written `%22`), `<id>` the request's X-Request-ID. `<end>` says how a TCP
 connection ended: `-` (both sides closed), `client_reset`, `backend_reset`, `idle_timeout`, `no_backend`,
-`connect_failed`, `queue_full`, `queue_timeout`, `shutdown`.
+`connect_failed`, `queue_full`, `queue_timeout`, `shutdown`, `proxy_error` (an unexpected error in the
+proxy, logged).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 How this works: `start()` binds one socket per listener with SO_REUSEADDR and SO_REUSEPORT (so N worker
 processes can each bind the same address and the kernel spreads connections among them) and serves it
-with `loop.create_server`, using the listener's HTTP (`http_proxy.HttpListener`) or TCP
-(`tcp_proxy.TcpListener`) handler. All HTTP listeners share one `UpstreamPool` of keep-alive backend
-connections. A housekeeping task ticks twice a second: expires idle backend connections, reports TCP bytes
-to backends and enforces the TCP idle timeout.
+with the listener's HTTP (`http_proxy.HttpListener`, on `loop.create_server`) or TCP
+(`tcp_proxy.TcpListener`, on the raw-socket relay `tcp_relay.RawTcpServer`) handler. All HTTP listeners
+share one `UpstreamPool` of keep-alive backend connections. A housekeeping task ticks twice a second:
+expires idle backend connections, reports TCP bytes to backends and enforces the TCP idle timeout.
 
 Limits and TLS: the server owns this worker's `NodeGate` (its share of `node.maxconn`), gives each
 listener a `ListenerGate` (listener `maxconn`, `maxconn_per_ip`) and each pool with a per-backend
@@ -43,6 +43,7 @@ from halb.proxy.limits import (
 from halb.proxy.routes import PoolRoute
 from halb.proxy.source_acl import SourceAcl, parse_networks
 from halb.proxy.tcp_proxy import TcpListener
+from halb.proxy.tcp_relay import RawTcpServer
 from halb.proxy.tls import TlsAcceptor, TlsTerminator
 from halb.proxy.upstream_pool import UpstreamPool
 
@@ -90,7 +91,7 @@ class ProxyServer:
             if lc.tls is not None
         }
         self._handlers: dict[str, HttpListener | TcpListener] = {}
-        self._servers: dict[str, asyncio.AbstractServer | TlsAcceptor] = {}
+        self._servers: dict[str, asyncio.AbstractServer | TlsAcceptor | RawTcpServer] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self._started = False
@@ -140,11 +141,14 @@ class ProxyServer:
                         access_log=self.access_log,
                     )
                 sock = await _bind(config, loop)
-                server: asyncio.AbstractServer | TlsAcceptor
+                server: asyncio.AbstractServer | TlsAcceptor | RawTcpServer
                 try:
                     if tls is not None:  # accepts itself: the limits apply from the accept on
                         sock.listen(config.backlog)
                         server = TlsAcceptor(loop, sock, config.name, tls, handler, config.header_timeout)
+                    elif isinstance(handler, TcpListener):  # plain TCP: the raw-socket relay
+                        sock.listen(config.backlog)
+                        server = RawTcpServer(loop, sock, handler)
                     else:
                         server = await loop.create_server(
                             handler.protocol_factory, sock=sock, backlog=config.backlog

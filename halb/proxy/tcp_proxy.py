@@ -1,12 +1,17 @@
 """The TCP proxy: each client connection is relayed byte for byte to one backend, with callbacks only.
 
-How this works: `TcpSession` is the protocol of the client connection and `_UpstreamSide` the protocol of
-its backend connection; data received on one side is written straight to the other side's transport (no
-coroutine, no copy in user space on the hot path). Backpressure is the transports' own: when one side's
-write buffer passes its high-water mark (`pause_writing`), the *other* side stops reading until it drains
-(`resume_writing`), so memory stays bounded whatever the speed difference. Half-close is relayed: EOF from
-one side becomes `write_eof()` on the other, the remaining direction keeps flowing, and the session ends
-when both directions are shut (or either side errors, or nothing moved for `client_timeout`).
+`TcpListener` is a TCP listener's state (sessions, stats, limits, idle timeout, drain) and `SessionCore`
+what every session shares (backend choice after a failed connect, byte counts, the end of a session).
+Plain listeners relay on raw sockets (`halb.proxy.tcp_relay`); TLS listeners on the transports below.
+
+How this works on transports: `TcpSession` is the protocol of the client connection and `_UpstreamSide`
+the protocol of its backend connection; data received on one side is written straight to the other side's
+transport (no coroutine, no copy in user space on the hot path). Backpressure is the transports' own:
+when one side's write buffer passes its high-water mark (`pause_writing`), the *other* side stops reading
+until it drains (`resume_writing`), so memory stays bounded whatever the speed difference. Half-close
+is relayed: EOF from one side becomes `write_eof()` on the other, the remaining direction keeps flowing,
+and the session ends when both directions are shut (or either side errors, or nothing moved for
+`client_timeout`).
 
 On accept, the client is paused while a short task picks a backend (`pool.choose`, Context with the
 client IP) and connects within `connect_timeout`; a failed connect is reported to the pool and retried on
@@ -58,7 +63,7 @@ class TcpListener:
         self.gate = gate or ListenerGate(NodeGate(0), config.maxconn, config.maxconn_per_ip)
         self.queue = queue  # per-backend maxconn queue of the pool; None when no backend has maxconn
         self.tls = tls
-        self.sessions: set[TcpSession] = set()
+        self.sessions: set[SessionCore] = set()
         self.draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
         # The client address is only looked up (a getpeername call) when something needs it.
@@ -77,7 +82,7 @@ class TcpListener:
         rejected = self.stats.rejected
         rejected[reason] = rejected.get(reason, 0) + 1
 
-    def session_done(self, session: TcpSession) -> None:
+    def session_done(self, session: SessionCore) -> None:
         if session.admitted:
             session.admitted = False
             self.gate.release(session.client_ip)
@@ -125,22 +130,18 @@ class TcpListener:
 
     @property
     def buffered_bytes(self) -> int:
-        total = 0
-        for session in self.sessions:
-            for transport in (session.client, session.upstream):
-                if transport is not None and not transport.is_closing():
-                    total += transport.get_write_buffer_size()
-        return total
+        return sum(session.buffered() for session in self.sessions)
 
 
-class TcpSession(asyncio.Protocol):
-    """Client side of one relayed connection (and owner of the session state)."""
+class SessionCore:
+    """What every relayed connection shares, whichever way its bytes move (`TcpSession` on transports for
+    TLS listeners, `halb.proxy.tcp_relay.RawSession` on raw sockets for plain ones): the client address,
+    the backend, byte counts, the idle clock (see `TcpListener.tick`), the choice of a backend after a
+    failed connect, and the end of the session (stats, backend accounting, the access log line)."""
 
     def __init__(self, listener: TcpListener) -> None:
         self.listener = listener
         self.loop = listener.loop
-        self.client: asyncio.Transport | None = None
-        self.upstream: asyncio.Transport | None = None
         self.backend: Backend | None = None
         self.client_ip = ""
         self.client_port = 0
@@ -148,7 +149,7 @@ class TcpSession(asyncio.Protocol):
         self.upstream_eof = False
         self.closed = False
         self.admitted = False  # holds a slot of the listener's connection limits (released when done)
-        self.connected = False  # connection_made ran (on a TLS listener: the handshake completed)
+        self.connected = False  # the client is connected (on a TLS listener: its handshake completed)
         self.bytes_up = 0  # client -> backend
         self.bytes_down = 0  # backend -> client
         self.seen_bytes = 0
@@ -157,8 +158,132 @@ class TcpSession(asyncio.Protocol):
         self.started = 0.0
         self._flushed_up = 0
         self._flushed_down = 0
-        self._pending: list[bytes] = []
         self.connect_task: asyncio.Task[None] | None = None
+        self.tried: list[Backend] = []  # backends whose connect failed for this session
+
+    def _close_connections(self, abort: bool) -> None:
+        raise NotImplementedError
+
+    def buffered(self) -> int:
+        """Bytes this session holds in user space."""
+        raise NotImplementedError
+
+    def next_backend(self, failed: Backend, exc: BaseException) -> Backend | None:
+        """A connect to `failed` failed: report it, and pick another backend if retries are left (the
+        caller counts the new backend's connection as opened)."""
+        listener = self.listener
+        pool = listener.pool
+        self._slot_freed(failed)
+        log.debug("connect to %s (%s) failed: %r", failed.name, failed.address, exc)
+        pool.report_connect_failure(failed)
+        listener.stats.connect_failures_total += 1
+        self.tried.append(failed)
+        if len(self.tried) > pool.config.retries or self.closed:
+            return None
+        ctx = Context(self.client_ip, "", self.loop.time())
+        queue = listener.queue
+        nxt = pool.choose(ctx, self.tried) if queue is None else queue.choose_now(ctx, self.tried)
+        if nxt is not None:
+            listener.stats.retries_total += 1
+        return nxt
+
+    async def _choose_queued(self, queue: BackendQueue, ctx: Context) -> Backend | None:
+        """pool.choose() under per-backend maxconn: may wait in the pool's queue (the client is paused)."""
+        stats = self.listener.stats
+        before = queue.queued_total
+        stats.queued += 1
+        try:
+            return await queue.choose(ctx)
+        except QueueFull:
+            stats.queue_full_total += 1
+            end = "queue_full"
+        except QueueTimeout:
+            stats.queue_timeouts_total += 1
+            end = "queue_timeout"
+        finally:
+            stats.queued -= 1
+            if queue.queued_total != before:
+                stats.queued_total += 1
+        self.finish(end=end)
+        return None
+
+    def _slot_freed(self, backend: Backend) -> None:
+        backend.on_connection_closed()
+        queue = self.listener.queue
+        if queue is not None:
+            queue.slot_freed(backend)
+
+    def finish(self, abort: bool = False, end: str = "-") -> None:
+        """End the session: close both connections (flushing, or aborting on errors), report stats and
+        the access log line (`end`: how it ended, see halb.proxy.access_log)."""
+        if self.closed:
+            return
+        self.closed = True
+        task = self.connect_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        self._close_connections(abort)
+        backend = self.backend
+        if backend is not None:
+            now = self.loop.time()
+            self.flush_bytes(now)
+            backend.on_response(now - self.started)
+            self.backend = None
+            self._slot_freed(backend)
+        listener = self.listener
+        if listener.access_log is not None and self.connected:
+            now = self.loop.time()
+            listener.access_log.tcp(
+                self.client_ip,
+                self.client_port,
+                listener.config.name,
+                listener.pool.name,
+                backend.name if backend is not None else "-",
+                self.started - self.accepted if backend is not None else -1.0,
+                now - self.accepted,
+                self.bytes_up,
+                self.bytes_down,
+                end,
+            )
+        listener.session_done(self)
+
+    def flush_bytes(self, now: float) -> None:
+        up = self.bytes_up - self._flushed_up
+        down = self.bytes_down - self._flushed_down
+        if not (up or down):
+            return
+        self._flushed_up = self.bytes_up
+        self._flushed_down = self.bytes_down
+        stats = self.listener.stats
+        stats.bytes_in += up
+        stats.bytes_out += down
+        if self.backend is not None:
+            self.backend.on_bytes(up, down, now)
+
+
+class TcpSession(SessionCore, asyncio.Protocol):
+    """Client side of one relayed connection on asyncio transports (TLS listeners)."""
+
+    def __init__(self, listener: TcpListener) -> None:
+        super().__init__(listener)
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self._pending: list[bytes] = []
+
+    def _close_connections(self, abort: bool) -> None:
+        for transport in (self.client, self.upstream):
+            if transport is not None and not transport.is_closing():
+                if abort:
+                    transport.abort()
+                else:
+                    close_after_flush(transport, self.loop, self.listener.config.client_timeout)
+
+    def buffered(self) -> int:
+        total = 0
+        for transport in (self.client, self.upstream):
+            if transport is not None and not transport.is_closing():
+                total += transport.get_write_buffer_size()
+        return total
 
     # --- client side protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -274,7 +399,6 @@ class TcpSession(asyncio.Protocol):
             log.debug("no backend in pool %s for %s", pool.name, self.client_ip)
             self.finish(end="no_backend")
             return
-        tried: list[Backend] = []
         while True:
             backend.on_connection_opened()
             try:
@@ -289,18 +413,10 @@ class TcpSession(asyncio.Protocol):
                 finally:
                     timer.cancel()
             except (OSError, TimeoutError) as exc:
-                self._slot_freed(backend)
-                log.debug("connect to %s (%s) failed: %r", backend.name, backend.address, exc)
-                pool.report_connect_failure(backend)
-                stats.connect_failures_total += 1
-                tried.append(backend)
-                nxt = None
-                if len(tried) <= config.retries:
-                    nxt = pool.choose(ctx, tried) if queue is None else queue.choose_now(ctx, tried)
-                if nxt is None or self.closed:
+                nxt = self.next_backend(backend, exc)
+                if nxt is None:
                     self.finish(end="connect_failed")
                     return
-                stats.retries_total += 1
                 backend = nxt
                 continue
             except BaseException:
@@ -317,84 +433,6 @@ class TcpSession(asyncio.Protocol):
             return
         assert self.client is not None
         self.client.resume_reading()
-
-    async def _choose_queued(self, queue: BackendQueue, ctx: Context) -> Backend | None:
-        """pool.choose() under per-backend maxconn: may wait in the pool's queue (the client is paused)."""
-        stats = self.listener.stats
-        before = queue.queued_total
-        stats.queued += 1
-        try:
-            return await queue.choose(ctx)
-        except QueueFull:
-            stats.queue_full_total += 1
-            end = "queue_full"
-        except QueueTimeout:
-            stats.queue_timeouts_total += 1
-            end = "queue_timeout"
-        finally:
-            stats.queued -= 1
-            if queue.queued_total != before:
-                stats.queued_total += 1
-        self.finish(end=end)
-        return None
-
-    def _slot_freed(self, backend: Backend) -> None:
-        backend.on_connection_closed()
-        queue = self.listener.queue
-        if queue is not None:
-            queue.slot_freed(backend)
-
-    def finish(self, abort: bool = False, end: str = "-") -> None:
-        """End the session: close both connections (flushing, or aborting on errors), report stats and
-        the access log line (`end`: how it ended, see halb.proxy.access_log)."""
-        if self.closed:
-            return
-        self.closed = True
-        task = self.connect_task
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-        for transport in (self.client, self.upstream):
-            if transport is not None and not transport.is_closing():
-                if abort:
-                    transport.abort()
-                else:
-                    close_after_flush(transport, self.loop, self.listener.config.client_timeout)
-        backend = self.backend
-        if backend is not None:
-            now = self.loop.time()
-            self.flush_bytes(now)
-            backend.on_response(now - self.started)
-            self.backend = None
-            self._slot_freed(backend)
-        listener = self.listener
-        if listener.access_log is not None and self.client is not None:
-            now = self.loop.time()
-            listener.access_log.tcp(
-                self.client_ip,
-                self.client_port,
-                listener.config.name,
-                listener.pool.name,
-                backend.name if backend is not None else "-",
-                self.started - self.accepted if backend is not None else -1.0,
-                now - self.accepted,
-                self.bytes_up,
-                self.bytes_down,
-                end,
-            )
-        listener.session_done(self)
-
-    def flush_bytes(self, now: float) -> None:
-        up = self.bytes_up - self._flushed_up
-        down = self.bytes_down - self._flushed_down
-        if not (up or down):
-            return
-        self._flushed_up = self.bytes_up
-        self._flushed_down = self.bytes_down
-        stats = self.listener.stats
-        stats.bytes_in += up
-        stats.bytes_out += down
-        if self.backend is not None:
-            self.backend.on_bytes(up, down, now)
 
 
 class _UpstreamSide(asyncio.Protocol):

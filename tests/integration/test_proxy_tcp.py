@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -376,3 +377,117 @@ def test_send_proxy_tells_the_backend_who_the_client_is(version: str) -> None:
             assert answer == f"TCP4 127.0.0.1:{client_port} 127.0.0.1:{addr[1]} then hello"
 
     run(main)
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port whose SYNs go unanswered: a listener whose accept queue is full (Linux then drops SYNs)."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def test_a_connect_that_never_completes_times_out_and_is_retried() -> None:
+    async def main() -> None:
+        with unanswered_port() as silent:
+            async with backend(echo) as (port, _):
+                pool = make_pool([silent, port], retries=1, connect_timeout=0.3)
+                async with proxy(pool) as (server, addr):
+                    loop = asyncio.get_running_loop()
+                    t0 = loop.time()
+                    reader, writer = await connect(addr)  # round robin: the silent backend first
+                    writer.write(b"ping")
+                    assert await reader.readexactly(4) == b"ping"
+                    assert 0.25 < loop.time() - t0 < 2.0
+                    writer.close()
+                    await poll(lambda: listener_stats(server)["connections_active"] == 0)
+                    s = listener_stats(server)
+                    assert s["connect_failures_total"] == 1 and s["retries_total"] == 1
+                    assert pool.backends[0].connect_failures_total == 1
+                    assert all(b.active_connections == 0 for b in pool.backends)
+
+                only_silent = make_pool([silent], retries=0, connect_timeout=0.3)
+                async with proxy(only_silent) as (server, addr):
+                    reader, writer = await connect(addr)
+                    assert await reader.read() == b""  # closed once the connect timed out
+                    writer.close()
+                    await poll(lambda: listener_stats(server)["connections_active"] == 0)
+                    assert listener_stats(server)["connect_failures_total"] == 1
+
+    run(main)
+
+
+def test_a_backend_given_by_host_name_is_resolved() -> None:
+    async def main() -> None:
+        server_ = await asyncio.start_server(echo, "localhost", 0)  # every address of localhost
+        try:
+            port = server_.sockets[0].getsockname()[1]
+            config = PoolConfig(
+                name="db",
+                backends=(BackendConfig("named", HostPort("localhost", port)),),
+                health=HealthConfig(kind="none"),
+            )
+            async with proxy(Pool(config)) as (server, addr):
+                reader, writer = await connect(addr)
+                writer.write(b"by name")
+                assert await reader.readexactly(7) == b"by name"
+                writer.close()
+                await poll(lambda: listener_stats(server)["connections_active"] == 0)
+        finally:
+            server_.close()
+
+    run(main)
+
+
+def test_a_burst_of_short_reset_and_half_closed_connections_leaves_nothing_open() -> None:
+    """Many connections ending every way at once (some in the same event batch): every session ends,
+    every socket is closed, and the proxy keeps serving."""
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def reset(addr: tuple[str, int]) -> None:
+        _, writer = await connect(addr)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST at once, maybe before the backend is even connected
+
+    async def half_close(addr: tuple[str, int]) -> None:
+        reader, writer = await connect(addr)
+        writer.write(b"x" * 1000)
+        writer.write_eof()
+        assert await reader.read() == b"got 1000 bytes"
+        writer.close()
+
+    async def vanish(addr: tuple[str, int]) -> None:
+        _, writer = await connect(addr)
+        writer.write(b"bye")
+        writer.close()
+
+    async def main() -> None:
+        async with backend(count_then_reply) as (port, _), proxy(make_pool([port])) as (server, addr):
+            await half_close(addr)
+            await poll(lambda: listener_stats(server)["connections_active"] == 0)
+            baseline = open_fds()
+            jobs = [kind(addr) for _ in range(40) for kind in (reset, half_close, vanish)]
+            await asyncio.gather(*jobs)
+            await poll(lambda: listener_stats(server)["connections_active"] == 0, timeout=5)
+            _WRITERS.clear()
+            await poll(lambda: open_fds() <= baseline, timeout=5)
+            await half_close(addr)  # still serving
+            assert listener_stats(server)["connections_total"] == 122
+
+    run(main, timeout=15)
