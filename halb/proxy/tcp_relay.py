@@ -29,6 +29,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import select
 import socket
 
@@ -47,6 +48,7 @@ TIMER_SLACK = 0.05  # connect timeouts fire at most this late (the timer is re-a
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
+_FAILED = select.EPOLLERR | select.EPOLLHUP
 # Accepted sockets stay in blocking mode (making them non-blocking costs a system call per connection):
 # every recv and send on either side says MSG_DONTWAIT instead.
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -125,7 +127,7 @@ class RawTcpServer:
                 continue  # its session ended earlier in this batch
             try:
                 if mask & _OUT:
-                    side.writable()
+                    side.writable(mask)
                 if mask & ~_OUT and fds.get(fd) is side:
                     side.readable()
             except Exception:
@@ -301,10 +303,10 @@ class RawSide:
             self.set_mask(self.mask & ~_IN)
             peer.set_mask(peer.mask | _OUT)
 
-    def writable(self) -> None:
+    def writable(self, mask: int = _OUT) -> None:
         session = self.session
         if session.connecting and self.upstream:
-            session.connected_upstream()
+            session.connected_upstream(failed=bool(mask & _FAILED))
             return
         pending = self.pending
         if not pending:
@@ -452,13 +454,14 @@ class RawSession(SessionCore):
         self.server.fds.pop(side.fd, None)
         self.server.discard(side.sock)
 
-    def connected_upstream(self) -> None:
-        """EPOLLOUT on the connecting socket: the connect completed (or failed)."""
+    def connected_upstream(self, failed: bool) -> None:
+        """EPOLLOUT on the connecting socket: the connect completed, or failed (EPOLLERR / EPOLLHUP with
+        it; only then is the error asked for, as HAProxy does)."""
         side = self.upstream
         assert side is not None
-        err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.connect_failed(OSError(err, "connect failed"))
+        if failed:
+            err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+            self.connect_failed(OSError(err, os.strerror(err)))
             return
         self.connecting = False
         self.server.connecting.pop(self, None)
