@@ -129,7 +129,12 @@ class RawTcpServer:
                 if mask & _OUT:
                     side.writable(mask)
                 if mask & ~_OUT and fds.get(fd) is side:
-                    side.readable()
+                    if side.mask & _IN:
+                        side.readable()
+                    elif not mask & _OUT:
+                        # An error or hang-up on a side not read now (its peer has bytes pending):
+                        # reading it would pass bytes ahead of those, so the session ends here.
+                        side.failed(OSError(errno.ECONNRESET, "connection reset"))
             except Exception:
                 log.exception("TCP relay: unexpected error in a session of %s", self.handler.config.name)
                 side.session.finish(abort=True, end="proxy_error")
@@ -149,6 +154,7 @@ class RawTcpServer:
     def _accept(self) -> None:
         handler = self.handler
         if handler.draining:
+            self.close()
             return
         sock = self.sock
         for _ in range(ACCEPT_BATCH):
