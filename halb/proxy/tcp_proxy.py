@@ -66,7 +66,8 @@ class TcpListener:
         self.sessions: set[SessionCore] = set()
         self.draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
-        # The client address is only looked up (a getpeername call) when something needs it.
+        # On transports (TLS listeners) the client address is only looked up (a getpeername call) when
+        # something needs it; the raw relay gets it with the accept.
         self.needs_client_ip = bool(
             config.maxconn_per_ip
             or pool.config.algorithm in ("ip_hash", "consistent_hash")
@@ -145,8 +146,6 @@ class SessionCore:
         self.backend: Backend | None = None
         self.client_ip = ""
         self.client_port = 0
-        self.client_eof = False
-        self.upstream_eof = False
         self.closed = False
         self.admitted = False  # holds a slot of the listener's connection limits (released when done)
         self.connected = False  # the client is connected (on a TLS listener: its handshake completed)
@@ -186,6 +185,12 @@ class SessionCore:
         if nxt is not None:
             listener.stats.retries_total += 1
         return nxt
+
+    def no_backend(self) -> None:
+        """No backend is available for this session: close the client."""
+        self.listener.stats.no_backend_total += 1
+        log.debug("no backend in pool %s for %s", self.listener.pool.name, self.client_ip)
+        self.finish(end="no_backend")
 
     async def _choose_queued(self, queue: BackendQueue, ctx: Context) -> Backend | None:
         """pool.choose() under per-backend maxconn: may wait in the pool's queue (the client is paused)."""
@@ -268,6 +273,8 @@ class TcpSession(SessionCore, asyncio.Protocol):
         super().__init__(listener)
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
+        self.client_eof = False
+        self.upstream_eof = False
         self._pending: list[bytes] = []
 
     def _close_connections(self, abort: bool) -> None:
@@ -384,7 +391,6 @@ class TcpSession(SessionCore, asyncio.Protocol):
         listener = self.listener
         pool = listener.pool
         config = pool.config
-        stats = listener.stats
         loop = self.loop
         ctx = Context(self.client_ip, "", loop.time())
         queue = listener.queue
@@ -395,9 +401,7 @@ class TcpSession(SessionCore, asyncio.Protocol):
             if self.closed:
                 return
         if backend is None:
-            stats.no_backend_total += 1
-            log.debug("no backend in pool %s for %s", pool.name, self.client_ip)
-            self.finish(end="no_backend")
+            self.no_backend()
             return
         while True:
             backend.on_connection_opened()

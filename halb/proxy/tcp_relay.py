@@ -281,10 +281,6 @@ class RawSide:
         assert peer is not None
         if not data:
             self.eof = True
-            if self.upstream:
-                session.upstream_eof = True
-            else:
-                session.client_eof = True
             if self.shut and not peer.pending:
                 session.finish()  # both ways are done now (closing the sockets says the rest)
                 return
@@ -309,9 +305,9 @@ class RawSide:
             self.set_mask(self.mask & ~_IN)
             peer.set_mask(peer.mask | _OUT)
 
-    def writable(self, mask: int = _OUT) -> None:
+    def writable(self, mask: int) -> None:
         session = self.session
-        if session.connecting and self.upstream:
+        if self.upstream and session.connecting:
             session.connected_upstream(failed=bool(mask & _FAILED))
             return
         pending = self.pending
@@ -361,7 +357,11 @@ class RawSession(SessionCore):
         self.upstream: RawSide | None = None
         self.client_ip = str(address[0])
         self.client_port = int(address[1])
-        self.connecting = False
+
+    @property
+    def connecting(self) -> bool:
+        """A connect to the backend is in progress (it has a deadline)."""
+        return self in self.server.connecting
 
     def start(self) -> None:
         listener = self.listener
@@ -394,9 +394,7 @@ class RawSession(SessionCore):
 
     def _connect_to(self, backend: Backend | None) -> None:
         if backend is None:
-            self.listener.stats.no_backend_total += 1
-            log.debug("no backend in pool %s for %s", self.listener.pool.name, self.client_ip)
-            self.finish(end="no_backend")
+            self.no_backend()
             return
         backend.on_connection_opened()
         self.backend = backend
@@ -404,7 +402,7 @@ class RawSession(SessionCore):
         if address is None:
             self.connect_task = self.loop.create_task(self._connect_named(backend))
             return
-        self._open(backend, *address)
+        self._open(*address)
 
     async def _connect_named(self, backend: Backend) -> None:
         """A backend given by host name: resolve it (without blocking the loop), then connect."""
@@ -416,15 +414,15 @@ class RawSession(SessionCore):
         if self.closed:
             return
         family, _, _, _, sockaddr = infos[0]
-        self._open(backend, family, sockaddr)  # type: ignore[arg-type]
+        self._open(family, sockaddr)  # type: ignore[arg-type]
 
-    def _open(self, backend: Backend, family: int, sockaddr: tuple[str, int]) -> None:
+    def _open(self, family: int, sockaddr: tuple[str, int]) -> None:
+        """Start a non-blocking connect to the chosen backend; EPOLLOUT tells when it is done."""
         server = self.server
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         side = RawSide(self, sock, upstream=True)
         side.peer, self.client.peer = self.client, side
         self.upstream = side
-        self.connecting = True
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(sockaddr)
@@ -439,7 +437,6 @@ class RawSession(SessionCore):
 
     def connect_failed(self, exc: BaseException) -> None:
         """The connect to `self.backend` failed or timed out: try another backend, or give up."""
-        self.connecting = False
         self.server.connecting.pop(self, None)
         failed = self.backend
         assert failed is not None
@@ -469,7 +466,6 @@ class RawSession(SessionCore):
             err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
             self.connect_failed(OSError(err, os.strerror(err)))
             return
-        self.connecting = False
         self.server.connecting.pop(self, None)
         self.started = self.loop.time()
         client = self.client
@@ -488,9 +484,7 @@ class RawSession(SessionCore):
         # (Both ways: a graceful end has nothing left in user space, and close() lets the kernel send
         # what is still in the socket buffers; an abort drops it.)
         server = self.server
-        if self.connecting:
-            self.connecting = False
-            server.connecting.pop(self, None)
+        server.connecting.pop(self, None)
         for side in (self.client, self.upstream):
             if side is not None:
                 server.fds.pop(side.fd, None)
