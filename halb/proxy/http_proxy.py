@@ -1200,7 +1200,7 @@ class HttpConnection(Channel):
             stats.bytes_out += moved.down
             self._log_bytes = len(head) + moved.down
         if up.transport is not None:
-            up.transport.close()
+            close_after_flush(up.transport, self.loop, listener.config.client_timeout)
         return True
 
     async def _pump(self, framer: BodyFramer, up: Channel) -> None:

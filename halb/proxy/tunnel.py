@@ -4,8 +4,9 @@ How this works: `relay_tunnel(client, server, idle_timeout)` copies whatever eac
 one coroutine per direction (the calling task carries server -> client, a helper task client -> server),
 with the channels' backpressure: a direction stops reading while the other side's transport is above its
 write high-water mark (`drain`), so a slow reader never makes the proxy buffer. An EOF is passed on as
-a half-close (`write_eof`) where the transport can do it, and the other direction goes on until its own
-EOF: the tunnel ends when both directions ended. It is cut (ConnectionError) when either connection is
+a half-close once the bytes before it are written (`flush.write_eof_after_flush`; a transport that
+cannot half-close, TLS, is closed then), and the other direction goes on until its own EOF: the tunnel
+ends when both directions ended. It is cut (ConnectionError) when either connection is
 lost, and (TimeoutError) when no byte moved either way for `idle_timeout` seconds (HAProxy's
 `timeout tunnel`). Each direction counts its bytes even when the tunnel is cut (`TunnelBytes`).
 """
@@ -16,6 +17,7 @@ import asyncio
 from dataclasses import dataclass
 
 from halb.proxy.channel import Channel
+from halb.proxy.flush import write_eof_after_flush
 
 
 @dataclass
@@ -60,8 +62,8 @@ async def _one_way(
             continue
         if src.eof:
             transport = dst.transport
-            if transport is not None and not dst.closed and transport.can_write_eof():
-                transport.write_eof()
+            if transport is not None and not dst.closed:
+                write_eof_after_flush(transport, loop)  # (closes instead where half-close cannot be sent)
             return
         if src.closed:
             raise ConnectionResetError("tunnel: connection lost")

@@ -76,6 +76,11 @@ class WsBackend(FakeBackend):
                     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                     b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nhello"
                 )
+                if path == b"/close":  # the backend ends the conversation first
+                    writer.write(b"bye")
+                    writer.write_eof()
+                    await reader.read()
+                    return
                 if path == b"/reset":
                     await reader.read(1)
                     sock = writer.get_extra_info("socket")
@@ -271,6 +276,15 @@ def test_websocket_over_tls(tmp_path: Path) -> None:
             assert await read_exactly(client, 13) == b"echo:over tls"
             assert be.headers(0)["x-forwarded-proto"] == "https"
             client.writer.close()  # close_notify, then FIN: the tunnel ends, both connections close
+            await poll(lambda: listener_stats(server)["tunnels_active"] == 0)
+            await poll(lambda: server.open_connections() == 0)
+
+            # The backend ends first: TLS cannot half-close, so the client connection is closed once
+            # the backend's last bytes are written (not left open until tunnel_timeout, 3600 s here).
+            client = await tls_client(addr, client_context(cert))
+            await handshake(client, "/close")
+            assert await read_exactly(client, 8) == b"hellobye"
+            assert await asyncio.wait_for(client.reader.read(), 3) == b""
             await poll(lambda: listener_stats(server)["tunnels_active"] == 0)
             await poll(lambda: server.open_connections() == 0)
 
