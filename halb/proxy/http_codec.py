@@ -140,6 +140,7 @@ class RequestHead:
         "content_length",
         "expect_continue",
         "fields_start",
+        "host",
         "keep_alive",
         "line_ok",
         "method",
@@ -168,6 +169,7 @@ class RequestHead:
         fields_start: int = 0,
         special: list[Special] | None = None,
         line_ok: bool = False,  # raw[:fields_start] is the request line as it is to be forwarded
+        host: bytes | None = None,  # the Host header's value (there is at most one)
     ) -> None:
         self.method = method
         self.target = target
@@ -184,6 +186,7 @@ class RequestHead:
         self.fields_start = fields_start
         self.special = special if special is not None else []
         self.line_ok = line_ok
+        self.host = host
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -206,7 +209,7 @@ class RequestHead:
     def host_name(self) -> bytes | None:
         """The Host header's name, lower-cased and without its port ("API.example.com:8443" ->
         "api.example.com", "[::1]:80" -> "[::1]"); None when there is none or it is not a host name."""
-        m = _HOST_NAME.fullmatch((self.header(b"host") or b"").lower())
+        m = _HOST_NAME.fullmatch((self.host or b"").lower())
         return m.group(1) if m is not None else None
 
     @property
@@ -431,9 +434,11 @@ def parse_request_head(
     tokens: list[bytes] = []
     upgrade: bytes | None = None
     expect_continue = False
+    host: bytes | None = None
     for lname, value, line_start, _ in special:
         if lname == _HOST:
             hosts += 1
+            host = value
         elif lname == _CONTENT_LENGTH:
             content_length = _content_length(value, content_length, 400)
         elif lname == _TRANSFER_ENCODING:
@@ -478,6 +483,7 @@ def parse_request_head(
         fields_start,
         special,
         line_ok,
+        host,
     )
 
 

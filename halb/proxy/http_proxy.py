@@ -74,7 +74,15 @@ from halb.proxy.http_codec import (
     request_framer,
     response_framer,
 )
-from halb.proxy.limits import BackendQueue, ListenerGate, NodeGate, QueueFull, QueueTimeout
+from halb.proxy.limits import (
+    BackendQueue,
+    ListenerGate,
+    NodeGate,
+    QueueFull,
+    QueueTimeout,
+    free_slot,
+    retry_after_connect_failure,
+)
 from halb.proxy.routes import PoolRoute, Router
 from halb.proxy.stats import HttpListenerStats
 from halb.proxy.tls import TlsTerminator
@@ -143,6 +151,7 @@ class _Inline:
     on the pooled connection `up` (its response being read: `resp` once its head is complete)."""
 
     req: RequestHead
+    route: PoolRoute
     rid: bytes = b""
     out_head: bytes = b""
     framer: BodyFramer | None = None
@@ -216,7 +225,6 @@ class HttpListener:
     ) -> None:
         self.config = config
         self.access_log = access_log  # one line per request (halb.proxy.access_log)
-        self.pool = pool
         self.upstream = upstream
         self.tls = tls
         self.scheme = b"https" if tls is not None else scheme.encode()
@@ -229,9 +237,8 @@ class HttpListener:
         self._idle_waiters: list[asyncio.Future[None]] = []
         # Fields set on every response from a backend (`response_headers`, e.g. HSTS), or None.
         self.set_headers = SetHeaders(config.response_headers) if config.response_headers else None
-        # The pool of each request: the listener's own (`default`), or a route's (halb.proxy.routes).
+        # The pool of each request: the listener's own (`router.default`), or a route's (halb.proxy.routes).
         self.router = Router(PoolRoute(pool, queue, sessions), routes)
-        self.default = self.router.default
         # Requests may be served inline, in the protocol callbacks (see HttpConnection._serve_inline),
         # unless a per-request hook of their pool may have to wait (the sessions hook, the maxconn queue).
         self.inline_ok = not config.redirect_to_https and any(r.inline_ok for r in self.router.all)
@@ -302,7 +309,7 @@ class HttpConnection(Channel):
         self.idle = True  # waiting for the next request's first byte
         self.finished = False
         self.upstream_channel: Channel | None = None
-        self.route: PoolRoute = listener.default  # the pool of the current request (halb.proxy.routes)
+        self.route: PoolRoute = listener.router.default  # the pool of the current request (halb.proxy.routes)
         self._method = b"GET"
         self._linger = False  # close with a lingering close (the client may still be sending)
         self._discarding = False
@@ -585,9 +592,9 @@ class HttpConnection(Channel):
             self._inline_error = exc
             self._wake_task()
             return
-        inline = self._inline = _Inline(req)
-        framer = request_framer(req)
         route = self.route = listener.router.route(req)
+        inline = self._inline = _Inline(req, route)
+        framer = request_framer(req)
         if not framer.done or req.upgrade is not None or not route.inline_ok:
             # A body: the task streams it; an Upgrade: the task may tunnel; a pool whose sessions hook
             # or maxconn queue may have to wait: the task waits.
@@ -749,8 +756,8 @@ class HttpConnection(Channel):
         """Serve a request the callbacks started (`_serve_inline`) from the stage they reached."""
         if inline.up is not None:
             inline.up.on_ready = None  # from now on this task reads the backend connection
-        if inline.framer is None:  # parsed only
-            return await self._exchange(inline.req)
+        if inline.framer is None:  # parsed (and routed) only
+            return await self._exchange(inline.req, inline.route)
         assert inline.ctx is not None
         sent = (inline.up, inline.received_before) if inline.up is not None else None
         return await self._forward(
@@ -771,11 +778,12 @@ class HttpConnection(Channel):
         inline.backend.on_connection_closed()
         inline.backend.on_bytes(len(inline.out_head), up.received - inline.received_before, self.loop.time())
 
-    async def _exchange(self, req: RequestHead) -> bool:
-        """Serve one request; True when the client connection may carry another one."""
+    async def _exchange(self, req: RequestHead, route: PoolRoute | None = None) -> bool:
+        """Serve one request (`route`: its pool, when already chosen); True when the client connection
+        may carry another one."""
         listener = self.listener
         stats = listener.stats
-        route = self.route = listener.router.route(req)
+        route = self.route = route or listener.router.route(req)
         pool = route.pool
         stats.requests_total += 1
         self._method = req.method
@@ -914,9 +922,7 @@ class HttpConnection(Channel):
                     stats.reconnects_total += 1
                     allow_reuse = False
                 finally:
-                    backend.on_connection_closed()
-                    if self.route.queue is not None:
-                        self.route.queue.slot_freed(backend)
+                    free_slot(backend, self.route.queue)
         finally:
             stats.in_flight -= 1
             self.upstream_channel = None
@@ -938,26 +944,13 @@ class HttpConnection(Channel):
             try:
                 up = await listener.upstream.connect(backend, config.connect_timeout)
             except (OSError, TimeoutError) as exc:
-                backend.on_connection_closed()
-                queue = route.queue
-                if queue is not None:
-                    queue.slot_freed(backend)
-                log.debug("connect to %s (%s) failed: %r", backend.name, backend.address, exc)
-                pool.report_connect_failure(backend)
-                listener.stats.connect_failures_total += 1
-                tried.append(backend)
-                if len(tried) > config.retries:
-                    return None
-                nxt = pool.choose(ctx, tried) if queue is None else queue.choose_now(ctx, tried)
+                nxt = retry_after_connect_failure(pool, route.queue, listener.stats, ctx, backend, tried, exc)
                 if nxt is None:
                     return None
-                listener.stats.retries_total += 1
                 backend = nxt
                 continue
             except BaseException:
-                backend.on_connection_closed()
-                if route.queue is not None:
-                    route.queue.slot_freed(backend)
+                free_slot(backend, route.queue)
                 raise
             return backend, up, False
 
@@ -1383,7 +1376,7 @@ class HttpConnection(Channel):
             self.client_ip,
             self.client_port,
             listener.config.name,
-            self.route.pool.name if req is not None else listener.pool.name,
+            self.route.pool.name if req is not None else listener.router.default.pool.name,
             backend.name if backend is not None else "-",
             self._log_tr,
             self.loop.time() - self._t0 if req is not None else 0.0,

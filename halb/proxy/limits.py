@@ -26,6 +26,10 @@ How this works:
   (HAProxy's server queue; same `maxqueue`, counting every waiter, and `queue_timeout`). A freed slot
   goes to the backend's own queue first (`slot_freed(backend)`), then to the pool's queue.
 
+* `free_slot(backend, queue)` and `retry_after_connect_failure(...)`: what the HTTP and TCP proxies do
+  when a backend connection ends, and when a connect fails (report it, try another backend while the
+  pool's `retries` last).
+
 Limits are per worker process: with `node.workers = N` each worker enforces ceil(limit / N) (the kernel
 spreads connections over the workers with SO_REUSEPORT), which is exact for N = 1.
 """
@@ -33,15 +37,19 @@ spreads connections over the workers with SO_REUSEPORT), which is exact for N = 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import resource
 from collections import deque
 from collections.abc import Collection
+from typing import Protocol
 
 from halb.backend import Backend
 from halb.balancing.base import Context
 from halb.pool import Pool
 from halb.proxy.source_acl import SourceAcl
+
+log = logging.getLogger("halb.proxy")
 
 FDS_PER_CONNECTION = 2  # the client socket and the backend socket
 FDS_RESERVED = 100  # listening sockets, the control socket, idle pooled backend connections...
@@ -294,3 +302,44 @@ def make_backend_queue(
     if config.maxconn or any(b.maxconn for b in config.backends):
         return BackendQueue(pool, workers, loop)
     return None
+
+
+class ConnectStats(Protocol):
+    """The counters of a listener that connects to backends (HTTP and TCP listener stats)."""
+
+    connect_failures_total: int
+    retries_total: int
+
+
+def free_slot(backend: Backend, queue: BackendQueue | None) -> None:
+    """A connection to `backend` ended or never opened: count it closed and pass its maxconn slot on."""
+    backend.on_connection_closed()
+    if queue is not None:
+        queue.slot_freed(backend)
+
+
+def retry_after_connect_failure(
+    pool: Pool,
+    queue: BackendQueue | None,
+    stats: ConnectStats,
+    ctx: Context,
+    failed: Backend,
+    tried: list[Backend],
+    exc: BaseException,
+    *,
+    retry: bool = True,
+) -> Backend | None:
+    """A connect to `failed` failed: free its slot, report it to the pool (passive health), and choose
+    another backend while `retries` are left, unless `retry` is False (the client left). The caller counts
+    the new backend's connection as opened."""
+    free_slot(failed, queue)
+    log.debug("connect to %s (%s) failed: %r", failed.name, failed.address, exc)
+    pool.report_connect_failure(failed)
+    stats.connect_failures_total += 1
+    tried.append(failed)
+    if not retry or len(tried) > pool.config.retries:
+        return None
+    nxt = pool.choose(ctx, tried) if queue is None else queue.choose_now(ctx, tried)
+    if nxt is not None:
+        stats.retries_total += 1
+    return nxt

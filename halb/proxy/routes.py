@@ -93,16 +93,15 @@ class _Match:
 class Router:
     """The listener's routes in order, then its default pool."""
 
-    __slots__ = ("_matches", "default", "routes")
+    __slots__ = ("_matches", "default")
 
     def __init__(self, default: PoolRoute, routes: Sequence[tuple[RouteConfig, PoolRoute]] = ()) -> None:
         self.default = default
         self._matches = [_Match(config, target) for config, target in routes]
-        self.routes = [target for _, target in routes]
 
     @property
     def all(self) -> list[PoolRoute]:
-        return [self.default, *self.routes]
+        return [self.default, *(match.target for match in self._matches)]
 
     def route(self, req: RequestHead) -> PoolRoute:
         matches = self._matches

@@ -32,7 +32,15 @@ from halb.config_model import ListenerConfig
 from halb.pool import Pool
 from halb.proxy.access_log import AccessLog
 from halb.proxy.flush import close_after_flush, write_eof_after_flush
-from halb.proxy.limits import BackendQueue, ListenerGate, NodeGate, QueueFull, QueueTimeout
+from halb.proxy.limits import (
+    BackendQueue,
+    ListenerGate,
+    NodeGate,
+    QueueFull,
+    QueueTimeout,
+    free_slot,
+    retry_after_connect_failure,
+)
 from halb.proxy.proxy_protocol import proxy_header
 from halb.proxy.stats import TcpListenerStats
 from halb.proxy.tls import TlsTerminator
@@ -168,23 +176,13 @@ class SessionCore:
         raise NotImplementedError
 
     def next_backend(self, failed: Backend, exc: BaseException) -> Backend | None:
-        """A connect to `failed` failed: report it, and pick another backend if retries are left (the
-        caller counts the new backend's connection as opened)."""
+        """A connect to `failed` failed: report it, and pick another backend if retries are left and the
+        client is still there (the caller counts the new backend's connection as opened)."""
         listener = self.listener
-        pool = listener.pool
-        self._slot_freed(failed)
-        log.debug("connect to %s (%s) failed: %r", failed.name, failed.address, exc)
-        pool.report_connect_failure(failed)
-        listener.stats.connect_failures_total += 1
-        self.tried.append(failed)
-        if len(self.tried) > pool.config.retries or self.closed:
-            return None
         ctx = Context(self.client_ip, "", self.loop.time())
-        queue = listener.queue
-        nxt = pool.choose(ctx, self.tried) if queue is None else queue.choose_now(ctx, self.tried)
-        if nxt is not None:
-            listener.stats.retries_total += 1
-        return nxt
+        return retry_after_connect_failure(
+            listener.pool, listener.queue, listener.stats, ctx, failed, self.tried, exc, retry=not self.closed
+        )
 
     def no_backend(self) -> None:
         """No backend is available for this session: close the client."""
@@ -212,12 +210,6 @@ class SessionCore:
         self.finish(end=end)
         return None
 
-    def _slot_freed(self, backend: Backend) -> None:
-        backend.on_connection_closed()
-        queue = self.listener.queue
-        if queue is not None:
-            queue.slot_freed(backend)
-
     def finish(self, abort: bool = False, end: str = "-") -> None:
         """End the session: close both connections (flushing, or aborting on errors), report stats and
         the access log line (`end`: how it ended, see halb.proxy.access_log)."""
@@ -234,7 +226,7 @@ class SessionCore:
             self.flush_bytes(now)
             backend.on_response(now - self.started)
             self.backend = None
-            self._slot_freed(backend)
+            free_slot(backend, self.listener.queue)
         listener = self.listener
         if listener.access_log is not None and self.connected:
             now = self.loop.time()
@@ -424,13 +416,13 @@ class TcpSession(SessionCore, asyncio.Protocol):
                 backend = nxt
                 continue
             except BaseException:
-                self._slot_freed(backend)
+                free_slot(backend, self.listener.queue)
                 raise
             break
         self.backend = backend
         self.started = loop.time()
         if self.closed:  # the client left while we connected (or the backend closed at once)
-            self._slot_freed(backend)
+            free_slot(backend, self.listener.queue)
             self.backend = None
             if self.upstream is not None:
                 self.upstream.abort()

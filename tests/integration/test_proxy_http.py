@@ -869,7 +869,7 @@ def test_hash_key_sources() -> None:
         def key(hash_key: str, raw: bytes) -> str:
             pool = make_pool([1], hash_key=hash_key)
             config = ListenerConfig(name="l", bind=HostPort("127.0.0.1", 0), pool="app")
-            return HttpListener(config, pool, UpstreamPool()).default.hash_key(parse_request_head(raw))
+            return HttpListener(config, pool, UpstreamPool()).router.default.hash_key(parse_request_head(raw))
 
         raw = b"GET /a/b?c=d HTTP/1.1\r\nHost: t\r\nX-User: alice\r\nCookie: x=1; sid=abc; y=2\r\n\r\n"
         assert key("client_ip", raw) == ""

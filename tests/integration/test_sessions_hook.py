@@ -441,7 +441,7 @@ def test_listeners_without_rules_or_stickiness_get_no_hook() -> None:
     async def main() -> None:
         async with rig() as r:
             (listener,) = r.server._handlers.values()
-            assert listener.default.sessions is None  # type: ignore[union-attr]
+            assert listener.router.default.sessions is None  # type: ignore[union-attr]
             assert (await r.get()).status == 200
 
     run(main())

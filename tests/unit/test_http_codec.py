@@ -351,3 +351,12 @@ def test_fuzzed_continuations_only_raise_protocol_error(prefix: bytes, data: byt
                 request_framer(parse_request_head(text[:end])).feed(text[end:])
     except ProtocolError:
         pass
+
+
+def test_host_name_comes_from_the_parse_without_splitting_every_field() -> None:
+    req = parse_request_head(b"GET / HTTP/1.1\r\nX-A: 1\r\nhost:  API.Example.com:8443 \r\nX-B: 2\r\n\r\n")
+    assert req.host == b"API.Example.com:8443" and req.host_name() == b"api.example.com"
+    assert req._headers is None  # (the full field list is only built when something asks for it)
+    assert parse_request_head(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n").host_name() == b"[::1]"
+    assert parse_request_head(b"GET / HTTP/1.1\r\nHost: bad_name\r\n\r\n").host_name() is None
+    assert parse_request_head(b"GET / HTTP/1.0\r\n\r\n").host_name() is None
