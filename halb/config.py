@@ -669,17 +669,16 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
             lr.fail("name", f"duplicate listener name {listener.name!r}")
         if listener.bind in binds:
             lr.fail("bind", f"{listener.bind} is already bound by listener {binds[listener.bind]!r}")
-        if listener.pool not in pools:
-            known = ", ".join(sorted(pools)) or "none"
-            lr.fail("pool", f"no pool named {listener.pool!r} (pools: {known})")
-        for j, route in enumerate(listener.routes):
-            if route.pool not in pools:
-                known = ", ".join(sorted(pools)) or "none"
-                lr.fail(f"routes[{j}].pool", f"no pool named {route.pool!r} (pools: {known})")
-            if pools[route.pool].send_proxy:
+        pool_keys = [("pool", listener.pool)]
+        pool_keys += [(f"routes[{j}].pool", route.pool) for j, route in enumerate(listener.routes)]
+        for key, pool_name in pool_keys:
+            if pool_name not in pools:
+                lr.fail(key, f"no pool named {pool_name!r} (pools: {', '.join(sorted(pools)) or 'none'})")
+            if listener.mode == "http" and pools[pool_name].send_proxy:
                 lr.fail(
-                    f"routes[{j}].pool",
-                    f"pool {route.pool!r} has send_proxy, which only TCP listeners can use",
+                    key,
+                    f"pool {pool_name!r} has send_proxy, which only TCP listeners can use "
+                    "(an HTTP listener tells its backends in X-Forwarded-For)",
                 )
         if listener.response_headers and listener.mode != "http":
             lr.fail("response_headers", 'HTTP listeners only (mode = "http")')
@@ -691,12 +690,6 @@ def parse(document: dict[str, Any], source: str = "<config>") -> Config:
             lr.fail("bind", f"{listener.bind} is also node.admin")
         if listener.redirect_to_https and (listener.mode != "http" or listener.tls is not None):
             lr.fail("redirect_to_https", "is for plain HTTP listeners (it sends their clients to https://)")
-        if listener.mode == "http" and pools[listener.pool].send_proxy:
-            lr.fail(
-                "pool",
-                f"pool {listener.pool!r} has send_proxy, which only TCP listeners can use "
-                "(an HTTP listener tells its backends in X-Forwarded-For)",
-            )
         if cluster is not None and listener.bind == cluster.address:
             lr.fail("bind", f"{listener.bind} is also cluster.address")
         names.add(listener.name)

@@ -41,9 +41,8 @@ ERROR_LOG_INTERVAL = 60.0
 
 
 class AccessLog:
-    def __init__(self, path: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.loop = loop
         self.lines_total = 0  # lines written
         self.dropped_lines = 0  # lines lost (the file could not be opened or written)
         self._fd = -1
@@ -121,8 +120,7 @@ class AccessLog:
         if self._size >= FLUSH_BYTES:
             self.flush()
         elif self._timer is None:
-            loop = self.loop or asyncio.get_running_loop()
-            self._timer = loop.call_later(FLUSH_SECONDS, self.flush)
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
         """Write out every waiting line (one system call)."""

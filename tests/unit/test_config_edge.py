@@ -201,6 +201,13 @@ def test_route_errors_name_the_key(tmp_path: Path, routes: str, expected: str) -
     assert expected in error(two_pools(tmp_path, f"routes = {routes}"))
 
 
+def test_a_routed_pool_cannot_send_proxy(tmp_path: Path) -> None:
+    path = two_pools(tmp_path, 'routes = [{ host = "a.example.com", pool = "api" }]')
+    path.write_text(path.read_text() + 'send_proxy = "v1"\n')  # (into [pools.api], the last table)
+    message = error(path)
+    assert "listeners[0].routes[0].pool: pool 'api' has send_proxy, which only TCP listeners can use" in message
+
+
 def test_routes_are_for_http_listeners(tmp_path: Path) -> None:
     message = error(two_pools(tmp_path, 'mode = "tcp"\nroutes = [{ host = "a.example.com", pool = "api" }]'))
     assert "listeners[0].routes: routes choose a pool by host and path: HTTP listeners only" in message
