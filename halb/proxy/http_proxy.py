@@ -230,7 +230,7 @@ class HttpListener:
         self.scheme = b"https" if tls is not None else scheme.encode()
         self.loop = loop or asyncio.get_running_loop()
         self.stats = HttpListenerStats()
-        self.gate = gate or ListenerGate(NodeGate(0), config.maxconn, config.maxconn_per_ip)
+        self.gate = gate or ListenerGate.for_listener(NodeGate(0), config)
         self.connections: set[HttpConnection] = set()
         self.lingering: set[asyncio.Transport] = set()
         self.draining = False

@@ -46,8 +46,9 @@ from typing import Protocol
 
 from halb.backend import Backend
 from halb.balancing.base import Context
+from halb.config_model import ListenerConfig
 from halb.pool import Pool
-from halb.proxy.source_acl import SourceAcl
+from halb.proxy.source_acl import SourceAcl, parse_networks
 
 log = logging.getLogger("halb.proxy")
 
@@ -90,6 +91,15 @@ class ListenerGate:
         self.acl = acl  # the listener's allow/deny networks (halb.proxy.source_acl), None = everyone
         self.current = 0
         self.per_ip: dict[str, int] = {}
+
+    @classmethod
+    def for_listener(cls, node: NodeGate, config: ListenerConfig, workers: int = 1) -> ListenerGate:
+        """A listener's gate: this worker's share of its `maxconn` and `maxconn_per_ip`, and its `allow` /
+        `deny` networks."""
+        acl = None
+        if config.allow or config.deny:
+            acl = SourceAcl(parse_networks(config.allow), parse_networks(config.deny))
+        return cls(node, share(config.maxconn, workers), share(config.maxconn_per_ip, workers), acl)
 
     def admit(self, ip: str) -> str:
         """ "" when the connection may proceed (it is then counted), else the name of the limit hit

@@ -41,7 +41,6 @@ from halb.proxy.limits import (
     share,
 )
 from halb.proxy.routes import PoolRoute
-from halb.proxy.source_acl import SourceAcl, parse_networks
 from halb.proxy.tcp_proxy import TcpListener
 from halb.proxy.tcp_relay import RawTcpServer
 from halb.proxy.tls import TlsAcceptor, TlsTerminator
@@ -106,12 +105,7 @@ class ProxyServer:
         try:
             for config in self.listeners:
                 pool = self.pools[config.pool]
-                gate = ListenerGate(
-                    self.gate,
-                    share(config.maxconn, self.workers),
-                    share(config.maxconn_per_ip, self.workers),
-                    source_acl(config),
-                )
+                gate = ListenerGate.for_listener(self.gate, config, self.workers)
                 tls = self.tls.get(config.name)
                 handler: HttpListener | TcpListener
                 if config.mode == "http":
@@ -279,13 +273,6 @@ class ProxyServer:
                         handler.tick(now)
             except Exception:
                 log.exception("proxy housekeeping failed")
-
-
-def source_acl(config: ListenerConfig) -> SourceAcl | None:
-    """The listener's allow/deny networks, or None when it takes every address."""
-    if not config.allow and not config.deny:
-        return None
-    return SourceAcl(parse_networks(config.allow), parse_networks(config.deny))
 
 
 async def _bind(config: ListenerConfig, loop: asyncio.AbstractEventLoop) -> socket.socket:

@@ -68,7 +68,7 @@ class TcpListener:
         self.access_log = access_log  # one line per connection (halb.proxy.access_log)
         self.loop = loop or asyncio.get_running_loop()
         self.stats = TcpListenerStats()
-        self.gate = gate or ListenerGate(NodeGate(0), config.maxconn, config.maxconn_per_ip)
+        self.gate = gate or ListenerGate.for_listener(NodeGate(0), config)
         self.queue = queue  # per-backend maxconn queue of the pool; None when no backend has maxconn
         self.tls = tls
         self.sessions: set[SessionCore] = set()
