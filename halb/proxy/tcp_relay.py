@@ -35,6 +35,7 @@ import socket
 
 from halb.backend import Backend
 from halb.balancing.base import Context
+from halb.proxy.accept import ACCEPT_PAUSE, accept_ready
 from halb.proxy.proxy_protocol import proxy_header
 from halb.proxy.tcp_proxy import SessionCore, TcpListener
 
@@ -42,8 +43,6 @@ log = logging.getLogger("halb.proxy.tcp")
 
 READ_SIZE = 65536  # one recv; also the most a session holds in user space per direction
 BATCH = 256  # events taken per wake-up
-ACCEPT_BATCH = 64  # connections accepted per readiness of the listening socket
-EMFILE_PAUSE = 0.5  # out of file descriptors: stop accepting this long
 TIMER_SLACK = 0.05  # connect timeouts fire at most this late (the timer is re-armed at most this often)
 
 _IN = select.EPOLLIN
@@ -152,33 +151,13 @@ class RawTcpServer:
             sock.close()
 
     def _accept(self) -> None:
-        handler = self.handler
-        if handler.draining:
+        if self.handler.draining:
             self.close()
             return
-        sock = self.sock
-        for _ in range(ACCEPT_BATCH):
-            try:
-                client, address = sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning(
-                        "listener %s: cannot accept (%s): pausing %.1f s",
-                        handler.config.name,
-                        exc.strerror,
-                        EMFILE_PAUSE,
-                    )
-                    self._pause_accepting()
-                else:
-                    log.debug("listener %s: accept failed: %r", handler.config.name, exc)
-                return
-            try:
-                RawSession(self, client, address).start()
-            except Exception:
-                log.exception("listener %s: serving a new connection failed", handler.config.name)
-                client.close()
+        accept_ready(self.sock, self.handler.config.name, self._serve, self._pause_accepting)
+
+    def _serve(self, client: socket.socket, address: tuple[str, int]) -> None:
+        RawSession(self, client, address).start()
 
     def _pause_accepting(self) -> None:
         self.epoll.modify(self._listen_fd, 0)
@@ -188,7 +167,7 @@ class RawTcpServer:
             if self.accepting:
                 self.epoll.modify(self._listen_fd, _IN)
 
-        self._resume_accept = self.loop.call_later(EMFILE_PAUSE, resume)
+        self._resume_accept = self.loop.call_later(ACCEPT_PAUSE, resume)
 
     # --- connect timeouts --------------------------------------------------------------------------------
     def connect_deadline(self, deadline: float, session: RawSession) -> None:

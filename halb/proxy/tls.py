@@ -9,9 +9,10 @@ config loader reports it like any other error. Backends get plain HTTP/TCP.
 A connection holds its place in the listener's connection limits from the accept on, handshake included
 (HAProxy counts a connection at accept too). So a TLS listener is not served by
 `loop.create_server(ssl=...)`, whose proxy protocol starts only after the handshake and which says nothing
-about failed ones: a `TlsAcceptor` accepts the connections itself (`loop.sock_accept`), admits the client
-address through the listener's gate before any handshake work (a refused connection is closed at once:
-there is no way to answer before TLS; counted like any refusal), then runs the handshake with
+about failed ones: a `TlsAcceptor` accepts the connections itself (`halb.proxy.accept`, in batches when
+the listening socket is readable), admits the client address through the listener's gate before any
+handshake work (a refused connection is closed at once: there is no way to answer before TLS; counted
+like any refusal), then runs the handshake with
 `loop.connect_accepted_socket(ssl=...)`, the event loop's own TLS (uvloop's, in C), with the listener's
 `header_timeout` as its timeout (a stalled client is dropped like a slowloris). When it completes, the
 proxy protocol (`HttpConnection`, `TcpSession`) starts already admitted and releases the slot when its
@@ -33,7 +34,6 @@ with the accept goes to the plain protocol and the handshake hangs: uvloop issue
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import socket
@@ -42,6 +42,7 @@ import tempfile
 from typing import Protocol, cast
 
 from halb.config_model import TlsConfig
+from halb.proxy.accept import ACCEPT_PAUSE, accept_ready
 
 log = logging.getLogger("halb.proxy.tls")
 
@@ -176,9 +177,6 @@ class TlsApp(Protocol):
     connected: bool  # its connection_made ran (the handshake completed)
 
 
-ACCEPT_RETRY_SECONDS = 0.5  # after an accept failed for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM)
-
-
 class TlsAcceptor:
     """Accepts a TLS listener's connections: limits first, then the handshake (see the module docstring).
     `close()` and `wait_closed()` as for an `asyncio.Server`."""
@@ -199,32 +197,25 @@ class TlsAcceptor:
         self._listener = listener
         self._timeout = handshake_timeout
         self._handshakes: set[asyncio.Task[None]] = set()
-        self._task = loop.create_task(self._accept_loop())
-        # The socket closes when the accept loop has ended (cancelled even before it started), after the
-        # event loop stopped watching it.
-        self._task.add_done_callback(lambda _task: sock.close())
+        self._accepting = True
+        self._resume: asyncio.TimerHandle | None = None
+        loop.add_reader(sock, self._on_readable)
 
-    async def _accept_loop(self) -> None:
-        loop, sock = self._loop, self._sock
-        while True:
-            try:
-                conn, addr = await loop.sock_accept(sock)
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EAGAIN, errno.EPROTO):
-                    continue  # that client is gone already
-                log.error(
-                    "listener %s: accept failed: %s; accepting again in %s s",
-                    self._name,
-                    exc,
-                    ACCEPT_RETRY_SECONDS,
-                )
-                await asyncio.sleep(ACCEPT_RETRY_SECONDS)
-                continue
-            try:
-                self._admit(conn, str(addr[0]))
-            except Exception:  # a bug must not stop the listener: drop this connection, keep accepting
-                log.exception("listener %s: serving a new connection failed", self._name)
-                conn.close()
+    def _on_readable(self) -> None:
+        accept_ready(self._sock, self._name, self._serve, self._pause)
+
+    def _pause(self) -> None:
+        self._loop.remove_reader(self._sock)
+        self._resume = self._loop.call_later(ACCEPT_PAUSE, self._unpause)
+
+    def _unpause(self) -> None:
+        self._resume = None
+        if self._accepting:
+            self._loop.add_reader(self._sock, self._on_readable)
+
+    def _serve(self, conn: socket.socket, address: tuple[str, int]) -> None:
+        conn.setblocking(False)
+        self._admit(conn, str(address[0]))
 
     def _admit(self, conn: socket.socket, ip: str) -> None:
         listener = self._listener
@@ -262,11 +253,17 @@ class TlsAcceptor:
     def close(self) -> None:
         """Stop accepting (as `asyncio.Server.close()`: handshakes in progress go on, bounded by their
         timeout, and their connections are served like the others)."""
-        self._task.cancel()
+        if not self._accepting:
+            return
+        self._accepting = False
+        if self._resume is not None:
+            self._resume.cancel()
+        self._loop.remove_reader(self._sock)
+        self._sock.close()
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """The handshakes in progress (cancelled when the proxy closes every connection)."""
         return list(self._handshakes)
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(self._task, return_exceptions=True)
+        """(Nothing to wait for: `close()` stopped accepting at once.)"""
