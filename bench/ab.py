@@ -21,7 +21,7 @@ killed at exit.
 from __future__ import annotations
 
 import argparse
-import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -54,6 +54,19 @@ tls = {{ cert = "{cert}", key = "{key}" }}
     return listener, port
 
 
+def measure(cmd: list[str], tree: Path) -> float:
+    """req/s of one wrk run; a run that failed or got error answers is no measurement (RuntimeError)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    rps, _p99, errors, non_2xx = parse_wrk(done.stdout)
+    if non_2xx:
+        raise RuntimeError(f"{tree}: {non_2xx} answers were not 2xx/3xx:\n{done.stdout}")
+    if errors:
+        print(f"ab: {tree}: {errors} socket errors in one run", file=sys.stderr)
+    return rps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs="+", help="checkouts of halb to compare (directories with halb/)")
@@ -81,23 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="halb-ab-") as tmpdir:
         tmp = Path(tmpdir)
         procs = Processes(tmp)
-        saved_env, saved_cwd = dict(os.environ), os.getcwd()
         try:
-            os.chdir(tmp)  # so that `python -m halb` imports the tree on PYTHONPATH, not the cwd's
             backend_port = start_nginx(procs, tmp, args.client_cpu)
             ports: list[int] = []
             for i, tree in enumerate(trees):
                 node_dir = tmp / f"tree{i}"
                 node_dir.mkdir()
-                os.environ["PYTHONPATH"] = str(tree)
                 extra, https_port = https_listener(node_dir) if args.mode == "https" else ("", 0)
                 node_extra = f'access_log = "{node_dir / "access.log"}"' if i in args.access_log else ""
                 _, http_port, tcp_port, _ = start_halb(
-                    procs, node_dir, args.proxy_cpu, backend_port, extra, node_extra
+                    procs, node_dir, args.proxy_cpu, backend_port, extra, node_extra, tree=tree
                 )
                 ports.append({"http": http_port, "tcp": tcp_port, "https": https_port}[args.mode])
-            os.environ.clear()
-            os.environ.update(saved_env)
             for _ in range(args.rounds):
                 for i, port in enumerate(ports):
                     scheme = "https" if args.mode == "https" else "http"
@@ -106,12 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = wrk_command(
                         args.client_cpu, port, args.pattern, args.duration, args.connections, scheme
                     )
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
-                    results[i].append(parse_wrk(out)[0])
+                    results[i].append(measure(cmd, trees[i]))
         finally:
-            os.environ.clear()
-            os.environ.update(saved_env)
-            os.chdir(saved_cwd)
             procs.close()
     what = f"{args.mode} {args.pattern}, {args.rounds} rounds of {args.duration:g} s"
     print(f"{what}, {args.connections} connections")

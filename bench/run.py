@@ -99,10 +99,14 @@ class Processes:
         self.logdir = logdir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 (closed below; the child keeps its copy)
         try:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd
+            )
         finally:
             log.close()
         self.procs.append(proc)
@@ -347,14 +351,26 @@ def start_nginx(procs: Processes, tmp: Path, cpu: int) -> int:
 
 
 def start_halb(
-    procs: Processes, tmp: Path, cpu: int, backend_port: int, extra: str = "", node_extra: str = ""
+    procs: Processes,
+    tmp: Path,
+    cpu: int,
+    backend_port: int,
+    extra: str = "",
+    node_extra: str = "",
+    tree: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], int, int, int]:
-    """One halb node (`halb_conf`) pinned to `cpu`, up and healthy: -> (process, http, tcp, admin port)."""
+    """One halb node (`halb_conf`) pinned to `cpu`, up and healthy: -> (process, http, tcp, admin port).
+    `tree`: run that checkout of halb (through PYTHONPATH, from `tmp`: `python -m halb` would otherwise
+    import the `halb/` of the current directory, whatever PYTHONPATH says)."""
     http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
     conf = halb_conf(admin_port, http_port, tcp_port, backend_port, extra, node_extra)
     (tmp / "halb.toml").write_text(conf)
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
     halb = procs.start(
-        "halb", ["taskset", "-c", str(cpu), sys.executable, "-m", "halb", "serve", str(tmp / "halb.toml")]
+        f"halb-{tmp.name}",
+        ["taskset", "-c", str(cpu), sys.executable, "-m", "halb", "serve", str(tmp / "halb.toml")],
+        env=env,
+        cwd=tmp if tree is not None else None,
     )
     wait_port(http_port, halb)
     wait_http(f"http://127.0.0.1:{admin_port}/healthz", halb)

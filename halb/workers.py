@@ -156,8 +156,7 @@ class WorkerSupervisor:
             self.retired_no_backend[name] = self.retired_no_backend.get(name, 0) + counters.get(
                 "no_backend_total", 0
             )
-        for key, value in handle.stats.get("access_log", {}).items():
-            self.retired_access_log[key] = self.retired_access_log.get(key, 0) + value
+        state_report.add_counts(self.retired_access_log, handle.stats.get("access_log", {}))
         state_report.retire(self.retired_state, handle.stats.get("state"))
         handle.stats = {}
 
@@ -236,8 +235,7 @@ class WorkerSupervisor:
         """Access log lines written and dropped by every worker (live ones plus retired)."""
         totals = dict(self.retired_access_log)
         for handle in self.workers.values():
-            for key, value in handle.stats.get("access_log", {}).items():
-                totals[key] = totals.get(key, 0) + value
+            state_report.add_counts(totals, handle.stats.get("access_log", {}))
         return totals
 
     def no_backend_totals(self) -> dict[str, int]:

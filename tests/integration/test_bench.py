@@ -38,9 +38,10 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
             report("bench --quick (smoke run, 1 s per cell: not a measurement)", line)
 
 
-@pytest.mark.parametrize("mode", ["http", "https"])
-def test_ab_harness_compares_two_trees(mode: str) -> None:
-    """`bench/ab.py` runs each tree from its own checkout: here the same checkout twice, one round."""
+@pytest.mark.parametrize(("mode", "extra"), [("http", []), ("https", []), ("tcp", ["--access-log", "1"])])
+def test_ab_harness_compares_two_trees(mode: str, extra: list[str]) -> None:
+    """`bench/ab.py` runs each tree from its own checkout: here the same checkout twice, one round. A run
+    with error answers or a failed wrk would fail the harness (bench/ab.py `measure`)."""
     done = subprocess.run(
         [
             sys.executable,
@@ -53,6 +54,7 @@ def test_ab_harness_compares_two_trees(mode: str) -> None:
             "1",
             "--mode",
             mode,
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -63,3 +65,4 @@ def test_ab_harness_compares_two_trees(mode: str) -> None:
     rows = [line for line in done.stdout.splitlines() if "req/s (median)" in line]
     assert len(rows) == 2 and all(str(ROOT) in row for row in rows), done.stdout
     assert all(float(row.split()[0].replace(",", "")) > 0 for row in rows), done.stdout
+    assert ("access log on" in rows[1]) == ("--access-log" in extra) and "access log on" not in rows[0]

@@ -204,8 +204,8 @@ def test_route_errors_name_the_key(tmp_path: Path, routes: str, expected: str) -
 def test_a_routed_pool_cannot_send_proxy(tmp_path: Path) -> None:
     path = two_pools(tmp_path, 'routes = [{ host = "a.example.com", pool = "api" }]')
     path.write_text(path.read_text() + 'send_proxy = "v1"\n')  # (into [pools.api], the last table)
-    message = error(path)
-    assert "listeners[0].routes[0].pool: pool 'api' has send_proxy, which only TCP listeners can use" in message
+    expected = "listeners[0].routes[0].pool: pool 'api' has send_proxy, which only TCP listeners can use"
+    assert expected in error(path)
 
 
 def test_routes_are_for_http_listeners(tmp_path: Path) -> None:
