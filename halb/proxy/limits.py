@@ -165,13 +165,7 @@ class BackendQueue:
 
     def full(self) -> list[Backend]:
         """Backends without a free slot."""
-        limits = self._refresh()
-        out = []
-        for b in self.pool.backends:
-            limit = limits.get(b.name, 0)
-            if limit and b.active_connections >= limit:
-                out.append(b)
-        return out
+        return [b for b in self.pool.backends if not self.has_slot(b)]
 
     def has_slot(self, backend: Backend) -> bool:
         limit = self._refresh().get(backend.name, 0)
