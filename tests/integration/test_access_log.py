@@ -24,6 +24,7 @@ from tests.integration.test_proxy_http import (  # (event_loop_kind: every test 
     run,
     stream_backend,
 )
+from tests.integration.test_proxy_tcp import echo
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -117,11 +118,6 @@ def test_a_request_no_backend_accepted_is_logged_with_its_503(tmp_path: Path) ->
 
 def test_every_tcp_connection_gets_one_line(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
 
     async def main() -> None:
         access_log = AccessLog(str(path))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import shutil
 import socket
@@ -37,12 +36,9 @@ from tests.integration.test_proxy_http import (  # (event_loop_kind: every test 
     run,
     stream_backend,
 )
+from tests.integration.test_proxy_tcp import echo, open_fds
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def stats(server: ProxyServer) -> dict[str, Any]:
@@ -191,13 +187,6 @@ def test_backend_reset_before_answering_gives_502(method: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- TLS
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A TCP backend that sends back what it gets."""
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-
-
 def client_context(cafile: Path, **kw: Any) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(cafile))
     for key, value in kw.items():

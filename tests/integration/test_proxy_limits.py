@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from halb.pool import Pool
 from halb.proxy.limits import BackendQueue, QueueFull
 from halb.proxy.server import ProxyServer
 from tests.certs import make_cert
+from tests.integration.test_proxy_edge import client_context, tls_client
 from tests.integration.test_proxy_http import (  # (event_loop_kind: every test on asyncio and uvloop)
     Client,
     backends,
@@ -345,15 +345,7 @@ def test_allow_and_deny_networks_refuse_sources_before_anything_is_read(tmp_path
                     assert await refused.at_eof()
             for server in (http_server, tcp_server, tls_server):
                 assert lstats(server)["rejected"] == {"denied": 2}
-            trusted = ssl.create_default_context(cafile=str(cert))
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, tls_addr)
-            reader, writer = await asyncio.open_connection(
-                sock=sock, ssl=trusted, server_hostname="localhost"
-            )
-            tls_client = Client(reader, writer)
-            assert (await tls_client.get("/")).status == 200
+            trusted = await tls_client(tls_addr, client_context(cert))  # (from 127.0.0.1: allowed)
+            assert (await trusted.get("/")).status == 200
 
     run(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -15,7 +16,6 @@ from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerCon
 from halb.pool import Pool
 from halb.proxy.proxy_protocol import V2_SIGNATURE
 from halb.proxy.server import ProxyServer
-from tests.integration.test_proxy_edge import open_fds
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -55,6 +55,10 @@ async def connect(
     reader, writer = await (asyncio.open_connection(*addr, **kw) if addr else asyncio.open_connection(**kw))
     _WRITERS.append(writer)
     return reader, writer
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def closed_port() -> int:

@@ -14,14 +14,13 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from halb.config_model import TlsConfig
 from halb.proxy.access_log import AccessLog
 from tests.certs import make_cert
-from tests.integration.test_proxy_edge import client_context, tls_client
+from tests.integration.test_proxy_edge import client_context, stats, tls_client
 from tests.integration.test_proxy_http import (  # (event_loop_kind: every test on asyncio and uvloop)
     Client,
     FakeBackend,
@@ -124,10 +123,6 @@ async def read_exactly(client: Client, n: int) -> bytes:
     return await asyncio.wait_for(client.reader.readexactly(n), 3)
 
 
-def listener_stats(server: Any) -> dict[str, Any]:
-    return server.stats()["listeners"]["web"]  # type: ignore[no-any-return]
-
-
 def test_websocket_handshake_becomes_a_tunnel_both_ways() -> None:
     async def main() -> None:
         async with ws_backend() as be, proxy(make_pool([be.port])) as (server, addr):
@@ -154,16 +149,16 @@ def test_websocket_handshake_becomes_a_tunnel_both_ways() -> None:
                 echoed += await asyncio.wait_for(client.reader.read(1 << 20), 3)
             assert echoed.replace(b"echo:", b"") == big
 
-            s = listener_stats(server)
+            s = stats(server)
             assert s["tunnels_active"] == 1 and s["tunnels_total"] == 1
             assert pool_backend.active_connections == 1  # the tunnel holds its backend connection
 
             client.writer.write_eof()  # half-close: the backend still answers, then closes its side
             assert await read_exactly(client, 3) == b"bye"
             assert await client.at_eof()
-            await poll(lambda: listener_stats(server)["tunnels_active"] == 0)
+            await poll(lambda: stats(server)["tunnels_active"] == 0)
             await poll(lambda: server.open_connections() == 0)
-            s = listener_stats(server)
+            s = stats(server)
             assert s["responses"]["1xx"] == 1 and s["tunnels_total"] == 1
             assert s["backend_errors_total"] == 0
             assert pool_backend.active_connections == 0
@@ -183,7 +178,7 @@ def test_idle_tunnel_is_closed_after_tunnel_timeout() -> None:
             quiet_since = loop.time()
             assert await client.at_eof()  # nothing moved for tunnel_timeout: both sides cut
             assert loop.time() - quiet_since >= 0.25
-            await poll(lambda: listener_stats(server)["tunnels_active"] == 0)
+            await poll(lambda: stats(server)["tunnels_active"] == 0)
             await poll(lambda: server.open_connections() == 0)
 
     run(main)
@@ -197,7 +192,7 @@ def test_backend_reset_cuts_the_tunnel() -> None:
             assert await read_exactly(client, 5) == b"hello"
             client.writer.write(b"x")
             assert await client.at_eof()
-            await poll(lambda: listener_stats(server)["tunnels_active"] == 0)
+            await poll(lambda: stats(server)["tunnels_active"] == 0)
             await poll(lambda: server.open_connections() == 0)
             client.close()
 
@@ -211,7 +206,7 @@ def test_backend_that_declines_the_upgrade_keeps_the_connection_http() -> None:
             resp = await client.request(HANDSHAKE.format(path="/plain").encode())
             assert resp.status == 200 and resp.body == b"plain"
             assert (await client.get("/next")).status == 200  # still a keep-alive HTTP connection
-            assert listener_stats(server)["tunnels_total"] == 0
+            assert stats(server)["tunnels_total"] == 0
             client.close()
 
     run(main)
@@ -241,7 +236,7 @@ def test_other_upgrades_are_stripped_and_answered_as_plain_requests(request_head
             seen = be.headers(0)
             assert "upgrade" not in seen and "http2-settings" not in seen
             assert seen.get("connection", "keep-alive") == "keep-alive"
-            assert listener_stats(server)["tunnels_total"] == 0
+            assert stats(server)["tunnels_total"] == 0
             client.close()
 
     run(main)
@@ -254,7 +249,7 @@ def test_a_101_to_another_protocol_is_a_502() -> None:
             client.writer.write(HANDSHAKE.format(path="/h2c-101").encode())
             resp = await asyncio.wait_for(read_response(client.reader), 3)
             assert resp.status == 502
-            s = listener_stats(server)
+            s = stats(server)
             assert s["tunnels_total"] == 0 and s["backend_errors_total"] == 1
             client.close()
 
@@ -276,7 +271,7 @@ def test_websocket_over_tls(tmp_path: Path) -> None:
             assert await read_exactly(client, 13) == b"echo:over tls"
             assert be.headers(0)["x-forwarded-proto"] == "https"
             client.writer.close()  # close_notify, then FIN: the tunnel ends, both connections close
-            await poll(lambda: listener_stats(server)["tunnels_active"] == 0)
+            await poll(lambda: stats(server)["tunnels_active"] == 0)
             await poll(lambda: server.open_connections() == 0)
 
             # The backend ends first: TLS cannot half-close, so the client connection is closed once
@@ -285,7 +280,7 @@ def test_websocket_over_tls(tmp_path: Path) -> None:
             await handshake(client, "/close")
             assert await read_exactly(client, 8) == b"hellobye"
             assert await asyncio.wait_for(client.reader.read(), 3) == b""
-            await poll(lambda: listener_stats(server)["tunnels_active"] == 0)
+            await poll(lambda: stats(server)["tunnels_active"] == 0)
             await poll(lambda: server.open_connections() == 0)
 
     run(main)

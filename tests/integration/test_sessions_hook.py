@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from halb.proxy.sessions_hook import StateRuntime
 from halb.state.memory import MemoryStore
 from tests.conftest import free_port
 from tests.integration.replies import Reply, read_reply
+from tests.integration.test_proxy_http import poll
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -104,7 +105,10 @@ async def rig(
     backends: int = 3,
     algorithm: str = "round_robin",
     pool_extra: dict[str, Any] | None = None,
+    edit: Callable[[dict[str, Any], dict[str, DemoBackend]], None] | None = None,
 ) -> AsyncIterator[Rig]:
+    """Demo backends web1..webN in pool `app` behind listener `web`; `edit` may change the config
+    document (more pools, routes) before the proxy starts."""
     demo = {f"web{i}": DemoBackend(f"web{i}", "127.0.0.1", 0) for i in range(1, backends + 1)}
     for b in demo.values():
         await b.start()
@@ -129,6 +133,8 @@ async def rig(
     if ratelimits:
         doc["ratelimits"] = ratelimits
         doc["listeners"][0]["ratelimits"] = listener_rules or list(ratelimits)
+    if edit is not None:
+        edit(doc, demo)
     config, pools, store, runtime, server = await start_proxy(doc)
     runtime.start()
     r = Rig(config, pools, store, runtime, server, demo, port, [])
@@ -168,7 +174,7 @@ def test_a_sticky_session_waits_in_its_own_backends_queue_under_maxconn() -> Non
             assert stats["queued_total"] == 1 and stats["queue_timeouts_total"] == 0
             # a request that would wait longer than queue_timeout: 503, and the session stays home
             slow = asyncio.ensure_future(r.get("/slow?ms=1500", Cookie=cookie))
-            await asyncio.sleep(0.1)
+            await poll(lambda: r.pool.get(home).active_connections == 1)  # it holds the only slot
             late = await r.get("/", Cookie=cookie)
             assert late.status == 503 and "queue timeout" in late.body
             assert (await slow).backend == home
@@ -451,51 +457,29 @@ def test_a_routed_pool_brings_its_own_sticky_sessions() -> None:
     """Routes: `/api/` goes to the sticky `api` pool (cookies, mappings under "api"), the rest to the
     listener's `app` pool, which has no stickiness (no cookie); the listener's rate limit counts both."""
 
-    async def main() -> None:
-        demo = {f"web{i}": DemoBackend(f"web{i}", "127.0.0.1", 0) for i in range(1, 5)}
-        for b in demo.values():
-            await b.start()
-        port = free_port()
-
+    def routed(doc: dict[str, Any], demo: dict[str, DemoBackend]) -> None:
         def pool(names: list[str], **extra: Any) -> dict[str, Any]:
             backends = [{"name": n, "address": f"127.0.0.1:{demo[n].port}"} for n in names]
             return {"backends": backends, "health": {"kind": "none"}, **extra}
 
-        doc: dict[str, Any] = {
-            "node": {"name": "t", "admin": f"127.0.0.1:{free_port()}"},
-            "listeners": [
-                {
-                    "name": "web",
-                    "bind": f"127.0.0.1:{port}",
-                    "pool": "app",
-                    "routes": [{"path_prefix": "/api/", "pool": "api"}],
-                    "ratelimits": ["all"],
-                }
-            ],
-            "pools": {
-                "app": pool(["web1", "web2"]),
-                "api": pool(["web3", "web4"], sticky={"mode": "cookie"}),
-            },
-            "state": {"url": "redis://127.0.0.1:1/0"},  # replaced by the MemoryStore below
-            "ratelimits": {"all": {"key": "client_ip", "rate": 0.01, "burst": 6}},
+        doc["listeners"][0]["routes"] = [{"path_prefix": "/api/", "pool": "api"}]
+        doc["pools"] = {
+            "app": pool(["web1", "web2"]),
+            "api": pool(["web3", "web4"], sticky={"mode": "cookie"}),
         }
-        _, _, store, runtime, server = await start_proxy(doc)
-        try:
-            client = Client(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def main() -> None:
+        rules = {"all": {"key": "client_ip", "rate": 0.01, "burst": 6}}
+        async with rig(ratelimits=rules, backends=4, edit=routed) as r:
+            client = await r.client()
             api = [await client.get("/api/users") for _ in range(2)]
-            assert [r.backend for r in api] == ["web3", "web4"] and all(r.cookie for r in api)
+            assert [x.backend for x in api] == ["web3", "web4"] and all(x.cookie for x in api)
             for reply in api:
-                assert store._sessions[("api", reply.cookie)][0] == reply.backend
+                assert r.store._sessions[("api", reply.cookie)][0] == reply.backend
                 again = await client.get("/api/users", Cookie=f"HALBSID={reply.cookie}")
                 assert (again.backend, again.cookie) == (reply.backend, None)
             site = [await client.get("/") for _ in range(2)]
-            assert [r.backend for r in site] == ["web1", "web2"] and not any(r.cookie for r in site)
+            assert [x.backend for x in site] == ["web1", "web2"] and not any(x.cookie for x in site)
             assert (await client.get("/")).status == 429  # the 7th request: one budget for both pools
-            client.close()
-        finally:
-            await server.close()
-            await runtime.aclose()
-            for b in demo.values():
-                await b.close()
 
     run(main())

@@ -35,9 +35,12 @@ def test_something_that_is_not_an_address_is_refused() -> None:
 def test_verdicts_are_cached_and_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("halb.proxy.source_acl.CACHE_LIMIT", 4)
     a = acl(allow=["10.0.0.0/8"])
+    assert a.permits("10.0.0.1") and not a.permits("11.0.0.1")
+    assert a._cache == {"10.0.0.1": True, "11.0.0.1": False}  # judged once each, then looked up
     for i in range(10):
         assert a.permits(f"10.0.0.{i}")
-    assert len(a._cache) <= 4
+        assert len(a._cache) <= 4
+    assert a._cache["10.0.0.9"] is True  # (the newest verdict is kept)
 
 
 def test_parse_networks_names_the_bad_entry() -> None:
