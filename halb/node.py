@@ -62,7 +62,7 @@ from halb.pools import backend_states, build_pools
 from halb.vrrp.driver import VrrpDriver
 from halb.vrrp.fence import FenceError, NftFence
 from halb.vrrp.lease_gate import LeasedVipPort, LeaseGuard, holddown_for
-from halb.vrrp.link import read_link
+from halb.vrrp.link import LinkWatch, read_link
 from halb.vrrp.vip import NetlinkVipPort, VipError, VipPort, release_stale
 from halb.workers import WorkerStartError, WorkerSupervisor
 
@@ -120,7 +120,7 @@ class Node:
                 self._init_vip_lease(self.vrrp)
         self._listener_task: asyncio.Task[None] | None = None
         self._link_task: asyncio.Task[None] | None = None
-        self._link_state: tuple[bool | None, str] | None = None  # the VRRP interface's link, last read
+        self._link = LinkWatch()  # the VRRP interface's link, last read
 
     def _make_agent(self, pool: Pool) -> AgentPoller | None:
         agent = pool.config.agent
@@ -174,12 +174,10 @@ class Node:
         """VRRP: report the interface's link (check `interface:<name>`: FAULT while it is down)."""
         assert self.vrrp is not None and self.config.vrrp is not None
         interface = self.config.vrrp.interface
-        up, why = await read_link(interface)
-        if (up, why) != self._link_state:
-            if self._link_state is not None or not up:
-                log.warning("vrrp: interface %s: %s", interface, why)
-            self._link_state = (up, why)
-        if up is not None:  # (None: netlink did not answer; the last state stands)
+        message, up = self._link.update(*await read_link(interface))
+        if message is not None:
+            log.warning("vrrp: interface %s: %s", interface, message)
+        if up is not None:  # (None: netlink did not answer; the last report stands)
             self.vrrp.set_check(f"interface:{interface}", up, fault=True)
 
     async def _link_check_loop(self) -> None:

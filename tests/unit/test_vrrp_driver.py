@@ -17,7 +17,7 @@ from halb.config_model import GarpConfig, TrackConfig
 from halb.status_view import render_vrrp
 from halb.vrrp.codec import Advert, encode
 from halb.vrrp.driver import RX_ERROR_REASONS, NotifyRunner
-from halb.vrrp.link import IFF_RUNNING, IFF_UP, link_up, read_link
+from halb.vrrp.link import IFF_RUNNING, IFF_UP, LinkWatch, link_up, read_link
 from halb.vrrp.tracking import Tracking
 from halb.vrrp.vip import FakeVipPort, NetlinkVipPort, VipError, build_garp_frames, release_stale
 from tests.unit.vrrp_fakes import (
@@ -355,6 +355,17 @@ def test_read_link_reports_down_missing_and_unreadable_links() -> None:
         assert up is None and "cannot read the link" in why
 
     run(go)
+
+
+def test_link_watch_keeps_the_last_report_when_netlink_does_not_answer() -> None:
+    watch = LinkWatch()
+    assert watch.update(True, "up") == (None, True)  # a link that is up at start: nothing to say
+    assert watch.update(True, "up") == (None, True)
+    assert watch.update(None, "cannot read the link: ENOBUFS") == ("cannot read the link: ENOBUFS", None)
+    assert watch.update(False, "no carrier") == ("no carrier", False)  # down: FAULT
+    assert watch.update(False, "no carrier") == (None, False)  # (said once)
+    assert watch.update(True, "up") == ("up", True)
+    assert LinkWatch().update(False, "link set down") == ("link set down", False)  # down at start: said
 
 
 def test_a_failing_vip_port_is_counted_and_the_instance_carries_on() -> None:
