@@ -4,23 +4,23 @@ How this works: `RawTcpServer` owns the listening socket and an `epoll` set, and
 with the event loop as one reader (`loop.add_reader`): when anything in the set is ready, `_on_ready` takes
 up to `BATCH` events and handles each with plain socket calls. Measured on this machine, asyncio/uvloop
 transports cost about twice HAProxy's CPU time per short connection (per connection uvloop makes ~26
-system calls and builds transport, protocol and task objects); the same relay on raw sockets makes ~20
-system calls and matched HAProxy's rate (see docs/performance.md). TLS listeners keep the transport path
-(`tcp_proxy.TcpSession`), which has the TLS machinery.
+system calls and builds transport, protocol and task objects); on raw sockets a connection takes 20
+system calls, as many as HAProxy, and a bare prototype of this relay matched HAProxy's rate
+(docs/performance.md). TLS listeners keep the transport path (`tcp_proxy.TcpSession`), which has the TLS.
 
-A connection (`RawSession`): accept (the address comes with it, no extra call); the listener's limits
-(`gate.admit`); a backend from the pool (or from its maxconn queue, which may wait: then a short task
-waits); a non-blocking `connect` to it, its completion seen as EPOLLOUT. A connect that fails or does not
-complete within `connect_timeout` (one lazily re-armed timer per server, deadlines in a FIFO) is reported
-to the pool and retried on another backend, at most `retries` more. Then each side is read when readable
-and what is read is sent to the other side at once. Backpressure: when the other side cannot take all of
-it, the rest (at most one read, `READ_SIZE`) waits in user space, reading from this side stops, and
-EPOLLOUT on the other side resumes it once sent, so memory stays bounded whatever the speed difference.
-Half-close is relayed (EOF from one side becomes `shutdown(SHUT_WR)` on the other once its pending bytes
-are sent) and the session ends when both directions are shut, on an error, or when it sat idle for
-`client_timeout` (`TcpListener.tick`). Sockets are closed at the end of an event batch, so an fd number
-cannot be reused by a new connection while stale events for it are still being handled. An unexpected
-error in one session is logged and ends that session only.
+A connection (`RawSession`): accept (the address comes with it, no extra call; `halb.proxy.accept`); the
+listener's limits (`gate.admit`); a backend from the pool (or from its maxconn queue, which may wait: then
+a short task waits); a non-blocking `connect` to it, its completion seen as EPOLLOUT. A connect that fails
+or does not complete within `connect_timeout` (one lazily re-armed timer per server over the deadlines in
+connect order) is reported to the pool and retried on another backend, at most `retries` more. Then each
+side is read when readable and what is read is sent to the other side at once. Backpressure: when the
+other side cannot take all of it, the rest (at most one read, `READ_SIZE`) waits in user space, reading
+from this side stops, and EPOLLOUT on the other side resumes it once sent, so memory stays bounded
+whatever the speed difference. Half-close is relayed (EOF from one side becomes `shutdown(SHUT_WR)` on the
+other once its pending bytes are sent) and the session ends when both directions are shut, on an error,
+or when it sat idle for `client_timeout` (`TcpListener.tick`). Sockets are closed at the end of an event
+batch, so an fd number cannot be reused by a new connection while stale events for it are still being
+handled. An unexpected error in one session is logged and ends that session only.
 """
 
 from __future__ import annotations
