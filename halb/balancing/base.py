@@ -18,7 +18,7 @@ from typing import ClassVar
 from halb.backend import Backend
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Context:
     """What a policy may look at for one decision."""
 

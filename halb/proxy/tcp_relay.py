@@ -17,8 +17,10 @@ side is read when readable and what is read is sent to the other side at once. B
 other side cannot take all of it, the rest (at most one read, `READ_SIZE`) waits in user space, reading
 from this side stops, and EPOLLOUT on the other side resumes it once sent, so memory stays bounded
 whatever the speed difference. Half-close is relayed (EOF from one side becomes `shutdown(SHUT_WR)` on the
-other once its pending bytes are sent) and the session ends when both directions are shut, on an error,
-or when it sat idle for `client_timeout` (`TcpListener.tick`). Sockets are closed at the end of an event
+other once its pending bytes are sent; when EPOLLRDHUP says a read holds a side's last bytes, they are sent
+with MSG_MORE and the FIN follows at once, so both leave in one segment, as HAProxy does) and the session
+ends when both directions are shut, on an error, or when it sat idle for `client_timeout`
+(`TcpListener.tick`). Sockets are closed at the end of an event
 batch, so an fd number cannot be reused by a new connection while stale events for it are still being
 handled. An unexpected error in one session is logged and ends that session only.
 """
@@ -45,12 +47,16 @@ READ_SIZE = 65536  # one recv; also the most a session holds in user space per d
 BATCH = 256  # events taken per wake-up
 TIMER_SLACK = 0.05  # connect timeouts fire at most this late (the timer is re-armed at most this often)
 
-_IN = select.EPOLLIN
+# A side is read on EPOLLIN; EPOLLRDHUP with it says the peer has sent its FIN, so a short read is the last
+# one (see RawSide.readable).
+_RDHUP = select.EPOLLRDHUP
+_IN = select.EPOLLIN | _RDHUP
 _OUT = select.EPOLLOUT
 _FAILED = select.EPOLLERR | select.EPOLLHUP
 # Accepted sockets stay in blocking mode (making them non-blocking costs a system call per connection):
 # every recv and send on either side says MSG_DONTWAIT instead.
 _DONTWAIT = socket.MSG_DONTWAIT
+_LAST = socket.MSG_DONTWAIT | socket.MSG_MORE
 _CONNECT_ERRORS_NOW = (errno.EINPROGRESS, 0)
 
 
@@ -74,7 +80,7 @@ class RawTcpServer:
         self._timer: asyncio.TimerHandle | None = None
         self._resume_accept: asyncio.TimerHandle | None = None
         self._addresses: dict[Backend, tuple[int, tuple[str, int]] | None] = {}
-        self.epoll.register(self._listen_fd, _IN)
+        self.epoll.register(self._listen_fd, select.EPOLLIN)
         loop.add_reader(self.epoll.fileno(), self._on_ready)
 
     # --- the server interface ProxyServer uses ---------------------------------------------------------
@@ -129,7 +135,7 @@ class RawTcpServer:
                     side.writable(mask)
                 if mask & ~_OUT and fds.get(fd) is side:
                     if side.mask & _IN:
-                        side.readable()
+                        side.readable(mask)
                     elif not mask & _OUT:
                         # An error or hang-up on a side not read now (its peer has bytes pending):
                         # reading it would pass bytes ahead of those, so the session ends here.
@@ -165,7 +171,7 @@ class RawTcpServer:
         def resume() -> None:
             self._resume_accept = None
             if self.accepting:
-                self.epoll.modify(self._listen_fd, _IN)
+                self.epoll.modify(self._listen_fd, select.EPOLLIN)
 
         self._resume_accept = self.loop.call_later(ACCEPT_PAUSE, resume)
 
@@ -247,7 +253,7 @@ class RawSide:
         log.debug("TCP relay: %s side: %r", "backend" if self.upstream else "client", exc)
         self.session.finish(abort=True, end="backend_reset" if self.upstream else "client_reset")
 
-    def readable(self) -> None:
+    def readable(self, mask: int) -> None:
         session = self.session
         try:
             data = self.sock.recv(READ_SIZE, _DONTWAIT)
@@ -259,30 +265,45 @@ class RawSide:
         peer = self.peer
         assert peer is not None
         if not data:
-            self.eof = True
-            if self.shut and not peer.pending:
-                session.finish()  # both ways are done now (closing the sockets says the rest)
-                return
-            self.set_mask(self.mask & ~_IN)
-            if not peer.pending:
-                peer.shut_write()
+            self.ended()
             return
+        size = len(data)
         if self.upstream:
-            session.bytes_down += len(data)
+            session.bytes_down += size
         else:
-            session.bytes_up += len(data)
+            session.bytes_up += size
+        # The peer sent its FIN and this read took all it had sent: these are its last bytes. They go out
+        # with MSG_MORE and the FIN follows at once, so the kernel sends both in one segment (as HAProxy
+        # does), and no read is spent on learning of the EOF.
+        last = mask & _RDHUP and size < READ_SIZE
         try:
-            sent = peer.sock.send(data, _DONTWAIT)
+            sent = peer.sock.send(data, _LAST if last else _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
             peer.failed(exc)
             return
-        if sent < len(data):
+        if sent < size:
             # The peer's socket buffer is full: hold the rest, stop reading here until it is sent.
             peer.pending = data[sent:]
             self.set_mask(self.mask & ~_IN)
             peer.set_mask(peer.mask | _OUT)
+            return
+        if last:
+            self.ended()
+
+    def ended(self) -> None:
+        """This side sent its FIN: pass it on once the bytes for the peer are sent; end the session when
+        the other direction is done too."""
+        self.eof = True
+        peer = self.peer
+        assert peer is not None
+        if self.shut and not peer.pending:
+            self.session.finish()  # both ways are done now (closing the sockets says the rest)
+            return
+        self.set_mask(self.mask & ~_IN)
+        if not peer.pending:
+            peer.shut_write()
 
     def writable(self, mask: int) -> None:
         session = self.session

@@ -77,6 +77,12 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     writer.close()
 
 
+async def flushed(writer: asyncio.StreamWriter) -> None:
+    """Wait until the transport has handed everything written to the kernel."""
+    while writer.transport.get_write_buffer_size():
+        await asyncio.sleep(0.001)
+
+
 async def count_then_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Reads until EOF (the client's half-close), then answers and closes."""
     total = 0
@@ -210,6 +216,40 @@ def test_backend_half_close_is_relayed_to_the_client() -> None:
     run(main)
 
 
+@pytest.mark.parametrize("size", [5, 65535, 65536, 1_000_000])
+def test_a_reply_sent_with_the_backends_fin_arrives_whole(size: int) -> None:
+    # The backend answers and closes while the client does not read yet: the proxy stops reading the
+    # backend (backpressure), so the reply's tail and the FIN wait together in its socket buffer, and
+    # EPOLLRDHUP comes with every read after that. Only a read that does not fill the buffer is the last
+    # one (it goes on with the FIN at once); a full one is not, whatever EPOLLRDHUP says.
+    reply = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    written = asyncio.Event()
+
+    async def answer_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        writer.write(reply)
+        writer.write_eof()
+        await flushed(writer)
+        written.set()
+
+    async def main() -> None:
+        async with backend(answer_and_close) as (port, _), proxy(make_pool([port])) as (server, addr):
+            loop = asyncio.get_running_loop()
+            with socket.socket() as sock:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, addr)
+                await loop.sock_sendall(sock, b"hello")
+                await written.wait()  # (not reading meanwhile: the proxy holds back)
+                await asyncio.sleep(0.05)  # (the FIN reaches the proxy's socket)
+                received = bytearray()
+                while data := await loop.sock_recv(sock, 1 << 20):
+                    received += data
+                assert received == reply  # every byte, then EOF
+            await poll(lambda: listener_stats(server)["connections_active"] == 0)
+
+    run(main)
+
+
 def test_connect_failure_is_retried_on_another_backend() -> None:
     async def main() -> None:
         dead = closed_port()
@@ -280,9 +320,7 @@ def test_slow_reader_keeps_proxy_memory_bounded() -> None:
             writer.write(chunk)
             progress[0] += len(chunk)
             await writer.drain()
-        # uvloop's close() can drop a non-empty write buffer (see halb/proxy/flush.py): flush first.
-        while writer.transport.get_write_buffer_size():
-            await asyncio.sleep(0.001)
+        await flushed(writer)  # (uvloop's close() can drop a non-empty write buffer: halb/proxy/flush.py)
         writer.close()
 
     async def main() -> None:
