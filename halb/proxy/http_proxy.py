@@ -43,9 +43,11 @@ and the backend answers a plain request; a 101 to a request that did not ask for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
+import socket
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -692,7 +694,10 @@ class HttpConnection(Channel):
         if inline.length:
             out += data[inline.head_end :]
         try:
-            self.write(out)
+            if keep or listener.tls is not None:
+                self.write(out)
+            else:
+                self._write_last(out)
         except ConnectionError:
             keep = False  # the client is gone; its connection_lost ends the connection
         else:
@@ -722,6 +727,22 @@ class HttpConnection(Channel):
         self.move_read_deadline(deadline)
         if self.buf:
             self._serve_inline()
+
+    def _write_last(self, data: bytes | bytearray) -> None:
+        """Write the connection's last bytes (plain TCP; the close follows) and send the FIN at once.
+        Corked (TCP_CORK) until the FIN, the answer and the FIN leave in one segment, as HAProxy sends
+        them (MSG_MORE, then shutdown). The FIN goes by shutdown, not by the close alone: a close with
+        unread client bytes is a reset, which would drop a still-corked answer. Not for TLS, which ends
+        with a close_notify record."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        self.write(data)  # (raises ConnectionResetError when the client is gone)
+        assert transport is not None
+        transport.write_eof()
 
     def _wake_task(self) -> None:
         """Hand over to the connection's task: wake it, or start it if the callbacks served alone so far."""

@@ -250,6 +250,34 @@ def test_connection_close_and_drain_end_the_connection_after_an_inline_answer() 
     run(main)
 
 
+@pytest.mark.parametrize("size", [10, 60_000])
+def test_the_last_inline_answer_arrives_whole_before_the_close(size: int) -> None:
+    # The last answer on a connection goes out corked with the FIN (one segment, HAProxy's way). The
+    # client must still get all of it, then EOF -- also when it pipelined more requests after its
+    # `Connection: close` one (they are dropped).
+    body = b"b" * size
+
+    async def sized(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        async with backends(sized) as (be,), proxy(make_pool([be.port])) as (server, addr):
+            for extra in (b"", b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n" * 50):
+                client = await Client.connect(addr)
+                assert (await client.get("/warm")).body == body  # (the backend connection is pooled now)
+                before = listener_stats(server)["inline_total"]
+                client.writer.write(b"GET /bye HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" + extra)
+                resp = await read_response(client.reader)
+                assert resp.status == 200 and resp.get("connection") == "close" and resp.body == body
+                assert await client.at_eof()
+                assert listener_stats(server)["inline_total"] == before + 1  # answered inline
+                client.close()
+
+    run(main)
+
+
 def test_a_client_half_close_during_an_inline_request_still_gets_the_answer() -> None:
     async def main() -> None:
         gate = asyncio.Event()
