@@ -40,6 +40,7 @@ from halb.proxy.limits import (
     make_backend_queue,
     share,
 )
+from halb.proxy.resolve import BackendResolver
 from halb.proxy.routes import PoolRoute
 from halb.proxy.tcp_proxy import TcpListener
 from halb.proxy.tcp_relay import RawTcpServer
@@ -102,6 +103,7 @@ class ProxyServer:
         self._started = True
         loop = asyncio.get_running_loop()
         queues = {name: make_backend_queue(pool, self.workers, loop) for name, pool in self.pools.items()}
+        resolver = self.upstream.resolver = BackendResolver(loop)  # one per worker, for every listener
         try:
             for config in self.listeners:
                 pool = self.pools[config.pool]
@@ -133,6 +135,7 @@ class ProxyServer:
                         queue=queues[config.pool],
                         tls=tls,
                         access_log=self.access_log,
+                        resolver=resolver,
                     )
                 sock = await _bind(config, loop)
                 server: asyncio.AbstractServer | TlsAcceptor | RawTcpServer

@@ -42,6 +42,7 @@ from halb.proxy.limits import (
     retry_after_connect_failure,
 )
 from halb.proxy.proxy_protocol import proxy_header
+from halb.proxy.resolve import BackendResolver
 from halb.proxy.stats import TcpListenerStats
 from halb.proxy.tls import TlsTerminator
 
@@ -62,11 +63,13 @@ class TcpListener:
         queue: BackendQueue | None = None,
         tls: TlsTerminator | None = None,
         access_log: AccessLog | None = None,
+        resolver: BackendResolver | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.access_log = access_log  # one line per connection (halb.proxy.access_log)
         self.loop = loop or asyncio.get_running_loop()
+        self.resolver = resolver or BackendResolver(self.loop)  # backends' addresses (halb.proxy.resolve)
         self.stats = TcpListenerStats()
         self.gate = gate or ListenerGate.for_listener(NodeGate(0), config)
         self.queue = queue  # per-backend maxconn queue of the pool; None when no backend has maxconn
@@ -398,17 +401,10 @@ class TcpSession(SessionCore, asyncio.Protocol):
         while True:
             backend.on_connection_opened()
             try:
-                # (a bare timer: asyncio.timeout() costs several Python calls per connection)
-                timer = loop.call_later(config.connect_timeout, _connect_timed_out, asyncio.current_task())
-                try:
-                    await loop.create_connection(lambda: _UpstreamSide(self), backend.host, backend.port)
-                except asyncio.CancelledError:
-                    if timer.when() > loop.time() or self.closed:
-                        raise  # cancelled by finish(), not by the timer
-                    raise TimeoutError from None
-                finally:
-                    timer.cancel()
-            except (OSError, TimeoutError) as exc:
+                await listener.resolver.connect(
+                    lambda: _UpstreamSide(self), backend.host, backend.port, config.connect_timeout
+                )
+            except OSError as exc:  # (a timeout too)
                 nxt = self.next_backend(backend, exc)
                 if nxt is None:
                     self.finish(end="connect_failed")
@@ -463,11 +459,6 @@ class _UpstreamSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.finish(abort=exc is not None, end="backend_reset" if exc is not None else "-")
-
-
-def _connect_timed_out(task: asyncio.Task[None] | None) -> None:
-    if task is not None and not task.done():
-        task.cancel()
 
 
 def _shut_write(transport: asyncio.Transport) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import select
@@ -39,6 +38,7 @@ from halb.backend import Backend
 from halb.balancing.base import Context
 from halb.proxy.accept import ACCEPT_PAUSE, accept_ready
 from halb.proxy.proxy_protocol import proxy_header
+from halb.proxy.resolve import Address
 from halb.proxy.tcp_proxy import SessionCore, TcpListener
 
 log = logging.getLogger("halb.proxy.tcp")
@@ -79,7 +79,6 @@ class RawTcpServer:
         self.connecting: dict[RawSession, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._resume_accept: asyncio.TimerHandle | None = None
-        self._addresses: dict[Backend, tuple[int, tuple[str, int]] | None] = {}
         self.epoll.register(self._listen_fd, select.EPOLLIN)
         loop.add_reader(self.epoll.fileno(), self._on_ready)
 
@@ -196,25 +195,6 @@ class RawTcpServer:
             except Exception:
                 log.exception("TCP relay: a connect timeout failed")
                 session.finish(abort=True, end="proxy_error")
-
-    # --- backend addresses -------------------------------------------------------------------------------
-    def address_of(self, backend: Backend) -> tuple[int, tuple[str, int]] | None:
-        """(family, sockaddr) of a backend given by IP address; None for a host name (resolved at each
-        connect)."""
-        try:
-            return self._addresses[backend]
-        except KeyError:
-            pass
-        try:
-            ip = ipaddress.ip_address(backend.host)
-        except ValueError:
-            found = None
-        else:
-            found = (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (backend.host, backend.port))
-        if len(self._addresses) > 4096:
-            self._addresses.clear()
-        self._addresses[backend] = found
-        return found
 
 
 class RawSide:
@@ -355,6 +335,7 @@ class RawSession(SessionCore):
         self.server = server
         self.client = RawSide(self, client, upstream=False)
         self.upstream: RawSide | None = None
+        self.more_addresses: list[Address] = []  # the backend's addresses not tried yet
         self.client_ip = str(address[0])
         self.client_port = int(address[1])
 
@@ -398,23 +379,27 @@ class RawSession(SessionCore):
             return
         backend.on_connection_opened()
         self.backend = backend
-        address = self.server.address_of(backend)
-        if address is None:
+        addresses = self.listener.resolver.cached(backend.host, backend.port)
+        if addresses is None:  # a host name due for a lookup (halb.proxy.resolve)
             self.connect_task = self.loop.create_task(self._connect_named(backend))
             return
-        self._open(*address)
+        self._open_first(addresses)
 
     async def _connect_named(self, backend: Backend) -> None:
-        """A backend given by host name: resolve it (without blocking the loop), then connect."""
+        """A backend given by host name: its addresses (looked up without blocking the loop), then connect."""
         try:
-            infos = await self.loop.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+            addresses = await self.listener.resolver.addresses(backend.host, backend.port)
         except OSError as exc:
             self.connect_failed(exc)
             return
-        if self.closed:
-            return
-        family, _, _, _, sockaddr = infos[0]
-        self._open(family, sockaddr)  # type: ignore[arg-type]
+        if not self.closed:
+            self._open_first(addresses)
+
+    def _open_first(self, addresses: list[Address]) -> None:
+        """Connect to the first address; the others are tried in turn if it fails (each within
+        `connect_timeout`) before the backend counts as failed."""
+        self.more_addresses = addresses[1:]
+        self._open(*addresses[0])
 
     def _open(self, family: int, sockaddr: tuple[str, int]) -> None:
         """Start a non-blocking connect to the chosen backend; EPOLLOUT tells when it is done."""
@@ -436,8 +421,13 @@ class RawSession(SessionCore):
         server.connect_deadline(self.loop.time() + self.listener.pool.config.connect_timeout, self)
 
     def connect_failed(self, exc: BaseException) -> None:
-        """The connect to `self.backend` failed or timed out: try another backend, or give up."""
+        """The connect to `self.backend` failed or timed out: try its next address, else another
+        backend, or give up."""
         self.server.connecting.pop(self, None)
+        if self.more_addresses and not self.closed:
+            self._drop_upstream()
+            self._open(*self.more_addresses.pop(0))
+            return
         failed = self.backend
         assert failed is not None
         self.backend = None

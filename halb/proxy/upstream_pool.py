@@ -9,7 +9,8 @@ the server) closes expired ones so sockets do not linger. Backends are keyed by 
 
 A request that is not idempotent only takes a connection idle for at most `max_age_unsafe` seconds: the
 longer a connection sat idle, the likelier the backend is closing it right now, and such a request cannot
-be retried on a fresh connection.
+be retried on a fresh connection. New connections go to the backend's addresses through `resolver`
+(halb.proxy.resolve: a host name is not looked up per connection).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections import deque
 
 from halb.backend import Backend
 from halb.proxy.channel import Channel
+from halb.proxy.resolve import BackendResolver
 
 
 class UpstreamPool:
@@ -35,14 +37,17 @@ class UpstreamPool:
         self._idle: dict[Backend, deque[tuple[Channel, float]]] = {}
         self.connects_total = 0
         self.reuses_total = 0
+        self.resolver: BackendResolver | None = None  # (the proxy server's; made on first use if not)
 
     async def connect(self, backend: Backend, timeout: float) -> Channel:
-        """Open a new connection; raises OSError or TimeoutError."""
+        """Open a new connection (`timeout` for each of the backend's addresses); raises OSError or
+        TimeoutError."""
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            _, channel = await loop.create_connection(
-                lambda: Channel(loop, keep_open_on_eof=False), backend.host, backend.port
-            )
+        if self.resolver is None:
+            self.resolver = BackendResolver(loop)
+        _, channel = await self.resolver.connect(
+            lambda: Channel(loop, keep_open_on_eof=False), backend.host, backend.port, timeout
+        )
         self.connects_total += 1
         return channel
 

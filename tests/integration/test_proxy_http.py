@@ -23,6 +23,7 @@ from halb.proxy.http_codec import parse_request_head
 from halb.proxy.http_proxy import HttpListener
 from halb.proxy.server import ProxyServer
 from halb.proxy.upstream_pool import UpstreamPool
+from tests.integration.test_proxy_tcp import give_two_addresses, named_backend_pool
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -343,6 +344,31 @@ async def poll(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tests
+def test_every_address_of_a_backend_name_is_tried_before_the_backend_fails() -> None:
+    # The name's first address refuses (nothing listens on 127.0.0.2 at that port), the second is the
+    # backend. Each answer closes its connection, so every request opens a new upstream connection.
+    async def closing(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        return False
+
+    async def main() -> None:
+        async with backends(closing) as (be,):
+            pool = named_backend_pool("app", "app.internal", be.port)
+            async with proxy(pool) as (server, addr):
+                resolver = give_two_addresses(server, "127.0.0.2", "127.0.0.1")
+                client = await Client.connect(addr)
+                for i in range(3):
+                    resp = await client.get(f"/n{i}")
+                    assert resp.status == 200 and resp.body == b"ok"
+                client.close()
+                assert be.connections == 3
+                assert pool.backends[0].connect_failures_total == 0
+                assert resolver.lookups_total == 1  # looked up once, not per connection
+
+    run(main)
+
+
 def test_keep_alive_reuses_backend_connections_and_sets_headers() -> None:
     async def main() -> None:
         async with backends(None) as (be,), proxy(make_pool([be.port])) as (server, addr):

@@ -15,6 +15,7 @@ import pytest
 from halb.config_model import BackendConfig, HealthConfig, HostPort, ListenerConfig, PoolConfig
 from halb.pool import Pool
 from halb.proxy.proxy_protocol import V2_SIGNATURE
+from halb.proxy.resolve import BackendResolver
 from halb.proxy.server import ProxyServer
 
 pytestmark = pytest.mark.timeout(10)
@@ -476,18 +477,56 @@ def test_a_backend_given_by_host_name_is_resolved() -> None:
     async def main() -> None:
         server_ = await asyncio.start_server(echo, "localhost", 0)  # every address of localhost
         try:
-            port = server_.sockets[0].getsockname()[1]
-            config = PoolConfig(
-                name="db",
-                backends=(BackendConfig("named", HostPort("localhost", port)),),
-                health=HealthConfig(kind="none"),
-            )
-            async with proxy(Pool(config)) as (server, addr):
+            pool = named_backend_pool("db", "localhost", server_.sockets[0].getsockname()[1])
+            async with proxy(pool) as (server, addr):
                 reader, writer = await connect(addr)
                 writer.write(b"by name")
                 assert await reader.readexactly(7) == b"by name"
                 writer.close()
                 await poll(lambda: listener_stats(server)["connections_active"] == 0)
+        finally:
+            server_.close()
+
+    run(main)
+
+
+def named_backend_pool(pool_name: str, host: str, port: int) -> Pool:
+    """A pool of one backend given by host name."""
+    backends = (BackendConfig("named", HostPort(host, port)),)
+    return Pool(PoolConfig(name=pool_name, backends=backends, health=HealthConfig(kind="none")))
+
+
+def give_two_addresses(server: ProxyServer, first: str, second: str) -> BackendResolver:
+    """Make every backend name of `server` resolve to two addresses (no such name exists on a test
+    machine); -> its resolver."""
+
+    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in (first, second)]
+
+    resolver = server.upstream.resolver
+    assert resolver is not None
+    resolver.getaddrinfo = getaddrinfo
+    return resolver
+
+
+def test_every_address_of_a_backend_name_is_tried_before_the_backend_fails() -> None:
+    async def main() -> None:
+        # The name's first address refuses (nothing listens on 127.0.0.1 at that port); the second is the
+        # backend. Connections get through, and the backend has no failed connect on its record.
+        server_ = await asyncio.start_server(echo, "127.0.0.2", 0)
+        try:
+            pool = named_backend_pool("db", "app.internal", server_.sockets[0].getsockname()[1])
+            async with proxy(pool) as (server, addr):
+                resolver = give_two_addresses(server, "127.0.0.1", "127.0.0.2")
+                for _ in range(3):
+                    reader, writer = await connect(addr)
+                    writer.write(b"second")
+                    assert await reader.readexactly(6) == b"second"
+                    writer.close()
+                await poll(lambda: listener_stats(server)["connections_active"] == 0)
+                assert pool.backends[0].connect_failures_total == 0
+                assert listener_stats(server)["retries_total"] == 0
+                assert resolver.lookups_total == 1  # looked up once, not per connection
         finally:
             server_.close()
 
