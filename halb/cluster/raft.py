@@ -38,7 +38,8 @@ fail, the status says "cannot authenticate with peers: check [cluster].secret" (
 
 **Stopping.** A leader that stops asks pysyncobj to hand leadership to the most caught-up follower first
 (`transferLeadership`, on pysyncobj's thread) and waits up to 1 s for it, so a rolling restart does not
-cost an election timeout per node.
+cost an election timeout per node. Then pysyncobj's thread is stopped and waited for, at most
+`STOP_TIMEOUT`, from a daemon thread: a tick thread that never ends cannot hang the process's exit.
 
 **Status.** A tick callback snapshots `getStatus()` on pysyncobj's thread every 0.1 s: leader as
 "host:port", term, commit index, quorum (this node plus reachable members form a majority), each
@@ -76,6 +77,7 @@ log = logging.getLogger("halb.cluster")
 PING = "halb_ping"
 AUTH_WINDOW = 10.0  # a failed handshake this recent counts for the "check the secret" diagnosis
 STATUS_PERIOD = 0.1
+STOP_TIMEOUT = 5.0  # seconds `stop()` waits for pysyncobj's thread to end
 _STATES = {0: "follower", 1: "candidate", 2: "leader"}
 _REASONS = {
     FAIL_REASON.QUEUE_FULL: "the Raft command queue is full",
@@ -347,9 +349,7 @@ class RaftMember:
                 await asyncio.sleep(0.02)
         sync, self._sync = self._sync, None
         if sync is not None:
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(loop.run_in_executor(None, sync.destroy_synchronous), 5.0)
+            await _destroy(sync, STOP_TIMEOUT)
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -512,3 +512,31 @@ class RaftMember:
 
     def _on_state_changed(self, old: int, new: int) -> None:
         log.warning("raft %s: %s -> %s", self.self_id, _STATES.get(old, old), _STATES.get(new, new))
+
+
+async def _destroy(sync: SyncObj, timeout: float) -> None:
+    """Stop pysyncobj's thread and wait for it, at most `timeout` seconds. The wait runs in a daemon
+    thread of its own, not the loop's executor: at exit Python joins the executor's threads, so a tick
+    thread that never ends would otherwise hang the process that is stopping (systemd would kill it after
+    TimeoutStopSec)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def destroy() -> None:
+        try:
+            sync.destroy_synchronous()
+        except Exception:
+            log.exception("stopping the Raft member failed")
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=destroy, name="raft-stop", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.shield(done), timeout)
+    except TimeoutError:
+        log.warning("the Raft member did not stop within %.0f s; going on without it", timeout)

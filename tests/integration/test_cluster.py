@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -213,3 +214,21 @@ def test_shared_configuration_through_raft(processes: Processes, tmp_path: Path)
     assert c.status("n1")["cluster"]["quorum"] is True
     ok = halb("backends", "undrain", "app", "web1", "--admin", f"127.0.0.1:{c.admin['n1']}")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_raft_thread_that_never_ends_does_not_hang_the_stopping_process() -> None:
+    # pysyncobj's destroy_synchronous() joins its tick thread. Should that thread never end, the stop
+    # gives up after its timeout and the process still exits (it used to wait in the loop's executor,
+    # whose threads Python joins at exit).
+    code = (
+        "import asyncio, threading\n"
+        "from halb.cluster import raft\n"
+        "class Stuck:\n"
+        "    def destroy_synchronous(self):\n"
+        "        threading.Event().wait()\n"
+        "asyncio.run(raft._destroy(Stuck(), 0.2))\n"
+        "print('stopped')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == "stopped", done.stderr
+    assert "did not stop within" in done.stderr
