@@ -220,6 +220,7 @@ def _listener(r: Reader) -> ListenerConfig:
         maxconn_per_ip=r.int("maxconn_per_ip", 0, lo=0, hi=10_000_000),
         allow=_networks(r, "allow"),
         deny=_networks(r, "deny"),
+        accept_proxy=r.bool("accept_proxy", False),
         tls=_tls(r.sub("tls")),
         ratelimits=listener_ratelimits(r),  # [state]/[ratelimits] keys: halb.config_state
         routes=tuple(_route(route) for route in r.items("routes")),

@@ -72,6 +72,9 @@ class ListenerConfig:
     # Client networks accepted (empty: all) and refused (wins over allow), checked at accept
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    # Every connection starts with a PROXY protocol header (v1 or v2) from a proxy in front (HAProxy's
+    # accept-proxy): the client address it names is used everywhere except allow/deny, which see the peer
+    accept_proxy: bool = False
     tls: TlsConfig | None = None  # terminate TLS on this listener; backends get plain HTTP/TCP
     ratelimits: tuple[str, ...] = ()  # names of [ratelimits.NAME] rules, checked in order (HTTP only)
     routes: tuple[RouteConfig, ...] = ()  # HTTP: first match sends a request to another pool

@@ -303,7 +303,9 @@ class HttpConnection(Channel):
         super().__init__(listener.loop)
         self.listener = listener
         self.client_ip = ""
+        self.client_port = 0
         self.client_ip_bytes = b""
+        self.proxied = False  # the client address came from a PROXY header (listener accept_proxy)
         self.admitted = False  # holds a slot of the listener's connection limits (released when done)
         self.connected = False  # connection_made ran (on a TLS listener: the handshake completed)
         self.in_queue = False  # waiting for a backend slot (maxconn)
@@ -318,7 +320,6 @@ class HttpConnection(Channel):
         self._pump_sent = 0
         self._pump_done_at: float | None = None
         self._t0 = 0.0  # when the current request's head was parsed
-        self.client_port = 0
         # For the access log line of the current request: its head, the backend that got it, the status
         # and bytes sent to the client, and when the response head came (-1: not yet / never).
         self._logreq: RequestHead | None = None
@@ -338,9 +339,10 @@ class HttpConnection(Channel):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connected = True
         super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]) if peer else ""
-        self.client_port = int(peer[1]) if peer else 0
+        if not self.proxied:  # (else the acceptor set the address the PROXY header named)
+            peer = transport.get_extra_info("peername")
+            self.client_ip = str(peer[0]) if peer else ""
+            self.client_port = int(peer[1]) if peer else 0
         self.client_ip_bytes = self.client_ip.encode()
         listener = self.listener
         if not self.admitted:

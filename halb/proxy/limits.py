@@ -101,9 +101,10 @@ class ListenerGate:
             acl = SourceAcl(parse_networks(config.allow), parse_networks(config.deny))
         return cls(node, share(config.maxconn, workers), share(config.maxconn_per_ip, workers), acl)
 
-    def admit(self, ip: str) -> str:
+    def admit(self, ip: str, *, per_ip: bool = True) -> str:
         """ "" when the connection may proceed (it is then counted), else the name of the limit hit
-        ("denied": the address is not allowed on this listener)."""
+        ("denied": the address is not allowed on this listener). `per_ip=False`: the address is the
+        front proxy's (`accept_proxy`); the client's is counted by `admit_ip` once its header named it."""
         acl = self.acl
         if acl is not None and not acl.permits(ip):
             return "denied"
@@ -112,19 +113,25 @@ class ListenerGate:
             return "node_maxconn"
         if self.limit and self.current >= self.limit:
             return "listener_maxconn"
+        if per_ip and self.admit_ip(ip):
+            return "maxconn_per_ip"
+        node.current += 1
+        self.current += 1
+        return ""
+
+    def admit_ip(self, ip: str) -> str:
+        """The per-address limit alone: "" (then counted) or "maxconn_per_ip"."""
         if self.per_ip_limit:
             n = self.per_ip.get(ip, 0)
             if n >= self.per_ip_limit:
                 return "maxconn_per_ip"
             self.per_ip[ip] = n + 1
-        node.current += 1
-        self.current += 1
         return ""
 
-    def release(self, ip: str) -> None:
+    def release(self, ip: str, *, per_ip: bool = True) -> None:
         self.node.current -= 1
         self.current -= 1
-        if self.per_ip_limit:
+        if per_ip and self.per_ip_limit:
             n = self.per_ip.get(ip, 0) - 1
             if n > 0:
                 self.per_ip[ip] = n

@@ -9,9 +9,10 @@ expires idle backend connections, reports TCP bytes to backends and enforces the
 
 Limits and TLS: the server owns this worker's `NodeGate` (its share of `node.maxconn`), gives each
 listener a `ListenerGate` (listener `maxconn`, `maxconn_per_ip`) and each pool with a per-backend
-`maxconn` a `BackendQueue` (halb.proxy.limits). A listener with `tls` is served by a `TlsAcceptor`
-(halb.proxy.tls), which admits each connection before its handshake, so the limits count it from its
-accept on; `reload_tls()` (SIGHUP) loads fresh certificates into each `TlsTerminator`'s context.
+`maxconn` a `BackendQueue` (halb.proxy.limits). A listener with `tls` (or an HTTP listener with
+`accept_proxy`) is served by an `Acceptor` (halb.proxy.accept), which admits each connection before its
+handshake (or reads its PROXY header), so the limits count it from its accept on; `reload_tls()` (SIGHUP)
+loads fresh certificates into each `TlsTerminator`'s context (halb.proxy.tls).
 
 Shutdown is in steps: `stop_accepting()` closes the listening sockets; `drain(timeout)` lets in-flight
 requests finish (their responses say `Connection: close`), closes idle keep-alive connections at once and
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from halb.config_model import ListenerConfig
 from halb.pool import Pool
+from halb.proxy.accept import Acceptor
 from halb.proxy.access_log import AccessLog
 from halb.proxy.http_proxy import HttpListener
 from halb.proxy.limits import (
@@ -44,7 +46,7 @@ from halb.proxy.resolve import BackendResolver
 from halb.proxy.routes import PoolRoute
 from halb.proxy.tcp_proxy import TcpListener
 from halb.proxy.tcp_relay import RawTcpServer
-from halb.proxy.tls import TlsAcceptor, TlsTerminator
+from halb.proxy.tls import TlsTerminator
 from halb.proxy.upstream_pool import UpstreamPool
 
 if TYPE_CHECKING:
@@ -91,7 +93,7 @@ class ProxyServer:
             if lc.tls is not None
         }
         self._handlers: dict[str, HttpListener | TcpListener] = {}
-        self._servers: dict[str, asyncio.AbstractServer | TlsAcceptor | RawTcpServer] = {}
+        self._servers: dict[str, asyncio.AbstractServer | Acceptor | RawTcpServer] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self._started = False
@@ -138,11 +140,20 @@ class ProxyServer:
                         resolver=resolver,
                     )
                 sock = await _bind(config, loop)
-                server: asyncio.AbstractServer | TlsAcceptor | RawTcpServer
+                server: asyncio.AbstractServer | Acceptor | RawTcpServer
                 try:
-                    if tls is not None:  # accepts itself: the limits apply from the accept on
+                    if tls is not None or (config.accept_proxy and isinstance(handler, HttpListener)):
+                        # accepts itself: the limits apply from the accept on, the PROXY header is read
                         sock.listen(config.backlog)
-                        server = TlsAcceptor(loop, sock, config.name, tls, handler, config.header_timeout)
+                        server = Acceptor(
+                            loop,
+                            sock,
+                            config.name,
+                            handler,
+                            config.header_timeout,
+                            tls=tls,
+                            accept_proxy=config.accept_proxy,
+                        )
                     elif isinstance(handler, TcpListener):  # plain TCP: the raw-socket relay
                         sock.listen(config.backlog)
                         server = RawTcpServer(loop, sock, handler)
@@ -211,8 +222,8 @@ class ProxyServer:
             self._housekeeping = None
         tasks: list[asyncio.Task[None]] = []
         for server in self._servers.values():
-            if isinstance(server, TlsAcceptor):
-                tasks.extend(server.tasks())  # TLS handshakes in progress
+            if isinstance(server, (Acceptor, RawTcpServer)):
+                tasks.extend(server.tasks())  # TLS handshakes and PROXY headers in progress
         for handler in self._handlers.values():
             tasks.extend(handler.tasks())
             handler.close_all()

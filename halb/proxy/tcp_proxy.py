@@ -157,6 +157,7 @@ class SessionCore:
         self.backend: Backend | None = None
         self.client_ip = ""
         self.client_port = 0
+        self.proxied = False  # the client address came from a PROXY header (listener accept_proxy)
         self.closed = False
         self.admitted = False  # holds a slot of the listener's connection limits (released when done)
         self.connected = False  # the client is connected (on a TLS listener: its handshake completed)
@@ -295,7 +296,7 @@ class TcpSession(SessionCore, asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         transport.pause_reading()  # until the backend is connected
         listener = self.listener
-        if listener.needs_client_ip:
+        if listener.needs_client_ip and not self.proxied:
             peer = transport.get_extra_info("peername")
             self.client_ip = str(peer[0]) if peer else ""
             self.client_port = int(peer[1]) if peer else 0

@@ -8,8 +8,9 @@ system calls and builds transport, protocol and task objects); on raw sockets a 
 system calls, as many as HAProxy, and a bare prototype of this relay matched HAProxy's rate
 (docs/performance.md). TLS listeners keep the transport path (`tcp_proxy.TcpSession`), which has the TLS.
 
-A connection (`RawSession`): accept (the address comes with it, no extra call; `halb.proxy.accept`); the
-listener's limits (`gate.admit`); a backend from the pool (or from its maxconn queue, which may wait: then
+A connection (`RawSession`): accept (the address comes with it, no extra call; `halb.proxy.accept`); with
+`accept_proxy`, a short task reads the PROXY header first (`proxied_client`); the listener's limits
+(`gate.admit`); a backend from the pool (or from its maxconn queue, which may wait: then
 a short task waits); a non-blocking `connect` to it, its completion seen as EPOLLOUT. A connect that fails
 or does not complete within `connect_timeout` (one lazily re-armed timer per server over the deadlines in
 connect order) is reported to the pool and retried on another backend, at most `retries` more. Then each
@@ -36,7 +37,7 @@ import socket
 
 from halb.backend import Backend
 from halb.balancing.base import Context
-from halb.proxy.accept import ACCEPT_PAUSE, accept_ready
+from halb.proxy.accept import ACCEPT_PAUSE, accept_ready, proxied_client
 from halb.proxy.proxy_protocol import proxy_header
 from halb.proxy.resolve import Address
 from halb.proxy.tcp_proxy import SessionCore, TcpListener
@@ -79,6 +80,7 @@ class RawTcpServer:
         self.connecting: dict[RawSession, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._resume_accept: asyncio.TimerHandle | None = None
+        self._starting: set[asyncio.Task[None]] = set()
         self.epoll.register(self._listen_fd, select.EPOLLIN)
         loop.add_reader(self.epoll.fileno(), self._on_ready)
 
@@ -162,7 +164,24 @@ class RawTcpServer:
         accept_ready(self.sock, self.handler.config.name, self._serve, self._pause_accepting)
 
     def _serve(self, client: socket.socket, address: tuple[str, int]) -> None:
+        if self.handler.config.accept_proxy:  # the PROXY header first (a short task reads it)
+            task = self.loop.create_task(self._serve_proxied(client, address))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+            return
         RawSession(self, client, address).start()
+
+    async def _serve_proxied(self, client: socket.socket, address: tuple[str, int]) -> None:
+        handler = self.handler
+        named = await proxied_client(self.loop, client, address, handler, handler.config.header_timeout)
+        if named is not None:
+            session = RawSession(self, client, named)
+            session.proxied = True
+            session.start(admitted=True)
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The connections whose PROXY header is being read (cancelled when the proxy closes)."""
+        return list(self._starting)
 
     def _pause_accepting(self) -> None:
         self.epoll.modify(self._listen_fd, 0)
@@ -344,14 +363,16 @@ class RawSession(SessionCore):
         """A connect to the backend is in progress (it has a deadline)."""
         return self in self.server.connecting
 
-    def start(self) -> None:
+    def start(self, admitted: bool = False) -> None:
+        """Admit the client (unless `proxied_client` did: `admitted`), then connect to a backend."""
         listener = self.listener
-        reason = listener.gate.admit(self.client_ip)
-        if reason:
-            listener.count_rejected(reason)
-            self.closed = True
-            self.client.sock.close()
-            return
+        if not admitted:
+            reason = listener.gate.admit(self.client_ip)
+            if reason:
+                listener.count_rejected(reason)
+                self.closed = True
+                self.client.sock.close()
+                return
         self.admitted = True
         self.connected = True
         self.client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -9,16 +9,11 @@ config loader reports it like any other error. Backends get plain HTTP/TCP.
 A connection holds its place in the listener's connection limits from the accept on, handshake included
 (HAProxy counts a connection at accept too). So a TLS listener is not served by
 `loop.create_server(ssl=...)`, whose proxy protocol starts only after the handshake and which says nothing
-about failed ones: a `TlsAcceptor` accepts the connections itself (`halb.proxy.accept`, in batches when
-the listening socket is readable), admits the client address through the listener's gate before any
-handshake work (a refused connection is closed at once: there is no way to answer before TLS; counted
-like any refusal), then runs the handshake with
-`loop.connect_accepted_socket(ssl=...)`, the event loop's own TLS (uvloop's, in C), with the listener's
-`header_timeout` as its timeout (a stalled client is dropped like a slowloris). When it completes, the
-proxy protocol (`HttpConnection`, `TcpSession`) starts already admitted and releases the slot when its
-connection ends; a handshake that fails or times out releases it at once and is counted in
-`tls_handshake_failures_total`. Accept errors for lack of resources (EMFILE and the like) pause
-accepting for a moment, as asyncio's own servers do.
+about failed ones: `halb.proxy.accept.Acceptor` accepts the connections itself, admits them, then runs
+the handshake with `loop.connect_accepted_socket(ssl=...)`, the event loop's own TLS (uvloop's, in C),
+with the listener's `header_timeout` as its timeout (a stalled client is dropped like a slowloris); a
+handshake that fails or times out releases the slot at once and is counted in
+`tls_handshake_failures_total` (`TlsTerminator.handshake_failures_total`).
 
 Reload (`TlsTerminator.reload()`): the certificate and key files are read once into memory, checked
 (PEM, and the key matches the certificate) and loaded into a scratch context; only when all that worked
@@ -33,16 +28,12 @@ with the accept goes to the plain protocol and the handshake hangs: uvloop issue
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import socket
 import ssl
 import tempfile
-from typing import Protocol, cast
 
 from halb.config_model import TlsConfig
-from halb.proxy.accept import ACCEPT_PAUSE, accept_ready
 
 log = logging.getLogger("halb.proxy.tls")
 
@@ -152,118 +143,3 @@ class TlsTerminator:
             return False
         self.reloads_total += 1
         return True
-
-
-class _Gate(Protocol):
-    def admit(self, ip: str) -> str: ...
-    def release(self, ip: str) -> None: ...
-
-
-class TlsListener(Protocol):
-    """What `TlsAcceptor` needs of a listener (`HttpListener`, `TcpListener`)."""
-
-    gate: _Gate
-
-    def count_rejected(self, reason: str) -> None: ...
-
-    def protocol_factory(self) -> asyncio.Protocol: ...
-
-
-class TlsApp(Protocol):
-    """What `TlsAcceptor` needs of the proxy protocol it hands the plain bytes to."""
-
-    admitted: bool  # holds a slot of the listener's limits (the app releases it when it ends)
-    client_ip: str
-    connected: bool  # its connection_made ran (the handshake completed)
-
-
-class TlsAcceptor:
-    """Accepts a TLS listener's connections: limits first, then the handshake (see the module docstring).
-    `close()` and `wait_closed()` as for an `asyncio.Server`."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        name: str,
-        terminator: TlsTerminator,
-        listener: TlsListener,
-        handshake_timeout: float,
-    ) -> None:
-        self._loop = loop
-        self._sock = sock
-        self._name = name
-        self._terminator = terminator
-        self._listener = listener
-        self._timeout = handshake_timeout
-        self._handshakes: set[asyncio.Task[None]] = set()
-        self._accepting = True
-        self._resume: asyncio.TimerHandle | None = None
-        loop.add_reader(sock, self._on_readable)
-
-    def _on_readable(self) -> None:
-        accept_ready(self._sock, self._name, self._serve, self._pause)
-
-    def _pause(self) -> None:
-        self._loop.remove_reader(self._sock)
-        self._resume = self._loop.call_later(ACCEPT_PAUSE, self._unpause)
-
-    def _unpause(self) -> None:
-        self._resume = None
-        if self._accepting:
-            self._loop.add_reader(self._sock, self._on_readable)
-
-    def _serve(self, conn: socket.socket, address: tuple[str, int]) -> None:
-        conn.setblocking(False)
-        self._admit(conn, str(address[0]))
-
-    def _admit(self, conn: socket.socket, ip: str) -> None:
-        listener = self._listener
-        reason = listener.gate.admit(ip)
-        if reason:
-            listener.count_rejected(reason)
-            conn.close()
-            return
-        app = cast(TlsApp, listener.protocol_factory())
-        app.admitted = True
-        app.client_ip = ip
-        task = self._loop.create_task(self._handshake(conn, app))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
-
-    async def _handshake(self, conn: socket.socket, app: TlsApp) -> None:
-        try:
-            await self._loop.connect_accepted_socket(
-                lambda: cast(asyncio.Protocol, app),
-                conn,
-                ssl=self._terminator.context,
-                ssl_handshake_timeout=self._timeout,
-            )
-        except BaseException as exc:
-            # The event loop closed the connection. Unless the proxy protocol took the slot over, free it.
-            if not app.connected and app.admitted:
-                app.admitted = False
-                self._listener.gate.release(app.client_ip)
-                if not isinstance(exc, asyncio.CancelledError):
-                    self._terminator.handshake_failures_total += 1
-                    log.debug("listener %s: %s: TLS handshake failed: %r", self._name, app.client_ip, exc)
-            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
-                raise
-
-    def close(self) -> None:
-        """Stop accepting (as `asyncio.Server.close()`: handshakes in progress go on, bounded by their
-        timeout, and their connections are served like the others)."""
-        if not self._accepting:
-            return
-        self._accepting = False
-        if self._resume is not None:
-            self._resume.cancel()
-        self._loop.remove_reader(self._sock)
-        self._sock.close()
-
-    def tasks(self) -> list[asyncio.Task[None]]:
-        """The handshakes in progress (cancelled when the proxy closes every connection)."""
-        return list(self._handshakes)
-
-    async def wait_closed(self) -> None:
-        """(Nothing to wait for: `close()` stopped accepting at once.)"""

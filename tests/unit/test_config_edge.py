@@ -46,7 +46,7 @@ def test_defaults_mean_no_limit_and_no_tls(tmp_path: Path) -> None:
     cfg = load(config(tmp_path))
     assert cfg.node.maxconn == 0
     (lc,) = cfg.listeners
-    assert (lc.maxconn, lc.maxconn_per_ip, lc.tls) == (0, 0, None)
+    assert (lc.maxconn, lc.maxconn_per_ip, lc.tls, lc.accept_proxy) == (0, 0, None, False)
     pool = cfg.pools["app"]
     assert (pool.maxconn, pool.maxqueue, pool.queue_timeout) == (0, 1024, None)
     assert pool.effective_queue_timeout == pool.connect_timeout
@@ -58,13 +58,14 @@ def test_limit_keys(tmp_path: Path) -> None:
         config(
             tmp_path,
             node="maxconn = 20000",
-            listener="maxconn = 5000\nmaxconn_per_ip = 50",
+            listener="maxconn = 5000\nmaxconn_per_ip = 50\naccept_proxy = true",
             pool="maxconn = 100\nmaxqueue = 10\nqueue_timeout = 1.5",
             backend=", maxconn = 7",
         )
     )
     assert cfg.node.maxconn == 20000
     assert (cfg.listeners[0].maxconn, cfg.listeners[0].maxconn_per_ip) == (5000, 50)
+    assert cfg.listeners[0].accept_proxy is True
     pool = cfg.pools["app"]
     assert (pool.maxconn, pool.maxqueue, pool.effective_queue_timeout) == (100, 10, 1.5)
     assert pool.backends[0].maxconn == 7
@@ -78,6 +79,7 @@ def test_limit_keys(tmp_path: Path) -> None:
         ({"pool": "queue_timeout = 0"}, "pools.app.queue_timeout: must be >= 0.001"),
         ({"backend": ', maxconn = "x"'}, "pools.app.backends[0].maxconn: expected an integer"),
         ({"listener": "max_conn = 3"}, "listeners[0].max_conn: unknown key"),
+        ({"listener": 'accept_proxy = "v2"'}, "listeners[0].accept_proxy: expected true or false"),
     ],
 )
 def test_limit_errors_name_file_key_and_problem(tmp_path: Path, kw: dict[str, str], expected: str) -> None:
