@@ -62,7 +62,7 @@ def parse_proxy_header(data: bytes) -> tuple[int, tuple[str, int] | None] | None
     """(header length, source address or None) from a connection's first bytes; None: more bytes are
     needed. Raises ProtocolError (status 400, reason "proxy_header") for anything else."""
     if data[:1] == b"P":
-        if not b"PROXY "[: len(data)] == data[:6]:
+        if b"PROXY "[: len(data)] != data[:6]:
             raise _bad("not a PROXY protocol header")
         end = data.find(b"\r\n", 0, V1_MAX)
         if end < 0:
@@ -126,9 +126,9 @@ def _bad(message: str) -> ProtocolError:
 async def read_proxy_header(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, deadline: float
 ) -> tuple[str, int] | None:
-    """Read exactly the PROXY header from the non-blocking `sock`: -> the source it names (None: use the
-    peer address). Raises ProtocolError when it is malformed or the peer closes, TimeoutError when it is
-    not complete by `deadline` (loop time)."""
+    """Read exactly the PROXY header from `sock` (every call says MSG_DONTWAIT; readiness comes from the
+    loop): -> the source it names (None: use the peer address). Raises ProtocolError when it is
+    malformed or the peer closes, TimeoutError when it is not complete by `deadline` (loop time)."""
     got = b""
     while True:
         try:
