@@ -25,7 +25,7 @@ LABELLED_LISTENER_COUNTERS = {
     "rejected": (
         "halb_listener_rejected_connections",
         "limit",
-        "Client connections refused by a connection limit, by limit",
+        "Client connections refused by a limit, the allow/deny lists or a bad PROXY header, by limit",
     ),
 }
 

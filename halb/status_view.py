@@ -70,7 +70,7 @@ def render_node(doc: dict[str, Any]) -> Panel:
         listeners.add_column(col)
     for lc in doc["listeners"]:
         routes = lc.get("routes") or []
-        refused = sum(lc.get("rejected", {}).values())  # by a limit or the allow/deny lists
+        refused = sum(lc.get("rejected", {}).values())  # limits, allow/deny, bad PROXY headers
         listeners.add_row(
             lc["name"],
             lc["bind"],
