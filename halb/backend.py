@@ -58,6 +58,8 @@ class Backend:
     load: float | None = None  # custom_load agent report in [0, 1]; None = unknown (no agent)
     # Set by an operator (drain: keep existing connections/sessions, take no new ones).
     draining: bool = False
+    # Only used while no other backend of the pool is available (HAProxy's `backup` server).
+    backup: bool = False
     # Traffic statistics, updated by the proxy.
     active_connections: int = 0
     requests_total: int = 0

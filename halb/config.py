@@ -393,6 +393,7 @@ def _backend(r: Reader) -> BackendConfig:
         agent=agent,
         draining=r.bool("draining", False),
         maxconn=r.int("maxconn", lo=0, hi=10_000_000) if r.has("maxconn") else None,
+        backup=r.bool("backup", False),
     )
     r.done()
     return backend
@@ -419,6 +420,8 @@ def _pool(name: str, r: Reader) -> PoolConfig:
         backends.append(backend)
     if not backends:
         r.fail("backends", "a pool needs at least one backend")
+    if all(b.backup for b in backends):
+        r.fail("backends", "every backend is a backup: at least one must not be")
     pool = PoolConfig(
         name=name,
         backends=tuple(backends),

@@ -119,6 +119,7 @@ class BackendConfig:
     agent: HostPort | None = None  # custom_load agent address; default from the pool's [agent] table
     draining: bool = False
     maxconn: int | None = None  # concurrent requests (HTTP) / connections (TCP); None = the pool's maxconn
+    backup: bool = False  # only used while no other backend of the pool is available (HAProxy's `backup`)
 
 
 @dataclass(frozen=True)

@@ -312,6 +312,7 @@ class Node:
                         "address": b.address,
                         "healthy": b.healthy,
                         "draining": b.draining,
+                        "backup": b.backup,
                         "weight": b.weight,
                         "effective_weight": round(b.effective_weight, 3) if b.available else 0,
                         "slowstart_factor": round(b.slowstart_factor, 3),

@@ -5,6 +5,10 @@ policy instance. The proxy calls `choose()` for each new request/connection and 
 when a connect fails (that counts toward the backend's `fall` in the health layer, wired by the composition
 root through `on_connect_failure`). Health and operator state arrive through `set_state()`.
 
+Backup backends (`backup = true`, HAProxy's `backup` servers, keepalived's sorry server) have a policy
+of their own, with the same algorithm: `choose()` asks it only while no other backend is available
+(healthy, not draining, weight above 0), so traffic goes back to the others as soon as one recovers.
+
 `reconfigure(new_config)` applies a changed pool definition (from the cluster's shared configuration)
 in place: a backend whose name and address are unchanged keeps its `Backend` record (health, counters,
 in-flight connections), new ones start fresh, removed ones are dropped, and the policy is rebuilt.
@@ -28,7 +32,9 @@ class Pool:
         self._rng = rng
         self.backends: list[Backend] = [self._new_backend(b) for b in config.backends]
         self._by_name = {b.name: b for b in self.backends}
-        self.policy: Policy = make_policy(config.algorithm, self.backends, rng)
+        self.primaries, self.backups = _split(self.backends)
+        self.policy: Policy = make_policy(config.algorithm, self.primaries, rng)
+        self.backup_policy: Policy = make_policy(config.algorithm, self.backups, rng)
         # Set by the composition root; called with the backend whose connect failed.
         self.on_connect_failure: Callable[[Backend], None] = lambda backend: None
         self.no_backend_total = 0  # requests answered 503 because no backend was available
@@ -41,6 +47,7 @@ class Pool:
             weight=b.weight,
             healthy=self.config.health.initial == "up" or self.config.health.kind == "none",
             draining=b.draining,
+            backup=b.backup,
         )
 
     def reconfigure(self, config: PoolConfig) -> set[str]:
@@ -53,16 +60,20 @@ class Pool:
             if old is not None and (old.host, old.port) == (b.address.host, b.address.port):
                 old.weight = b.weight
                 old.draining = b.draining
+                old.backup = b.backup
                 backends.append(old)
                 kept.add(b.name)
             else:
                 backends.append(self._new_backend(b))
         self.backends = backends
         self._by_name = {b.name: b for b in backends}
+        self.primaries, self.backups = _split(backends)
         if self.policy.name != config.algorithm:
-            self.policy = make_policy(config.algorithm, backends, self._rng)
+            self.policy = make_policy(config.algorithm, self.primaries, self._rng)
+            self.backup_policy = make_policy(config.algorithm, self.backups, self._rng)
         else:
-            self.policy.update(backends)
+            self.policy.update(self.primaries)
+            self.backup_policy.update(self.backups)
         return kept
 
     def get(self, name: str) -> Backend | None:
@@ -70,6 +81,8 @@ class Pool:
 
     def choose(self, ctx: Context, exclude: Collection[Backend] = ()) -> Backend | None:
         backend = self.policy.choose(ctx, exclude)
+        if backend is None and self.backups and not any(b.available for b in self.primaries):
+            backend = self.backup_policy.choose(ctx, exclude)  # (not when the others are only busy)
         if backend is None and not exclude:
             self.no_backend_total += 1
         return backend
@@ -105,8 +118,16 @@ class Pool:
             backend.draining = draining
         if weight is not None:
             backend.weight = weight
-        self.policy.update(self.backends)
+        if backend.backup:
+            self.backup_policy.update(self.backups)
+        else:
+            self.policy.update(self.primaries)
 
     @property
     def healthy_count(self) -> int:
         return sum(1 for b in self.backends if b.available)
+
+
+def _split(backends: list[Backend]) -> tuple[list[Backend], list[Backend]]:
+    """(the backends in normal use, the backups), each in configured order."""
+    return [b for b in backends if not b.backup], [b for b in backends if b.backup]

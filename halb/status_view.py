@@ -113,7 +113,7 @@ def render_node(doc: dict[str, Any]) -> Panel:
                 weight += f" ({b['slowstart_factor']:.0%})"
             rt = b["response_time_ewma_ms"]
             table.add_row(
-                b["name"],
+                b["name"] + (" (backup)" if b.get("backup") else ""),
                 b["address"],
                 health,
                 weight,

@@ -6,7 +6,8 @@ through Raft from whichever node received it (a follower forwards to the leader)
 state's result once it is applied on this node:
 
     GET    /api/config                              the shared configuration, members and leases
-    POST   /api/pools/POOL/backends                 {name, address, weight?, draining?, agent?}  -> 201
+    POST   /api/pools/POOL/backends                 {name, address, weight?, draining?, agent?, maxconn?,
+                                                     backup?}  -> 201
     DELETE /api/pools/POOL/backends/NAME
     PUT    /api/pools/POOL/backends/NAME            {weight?, draining?}
     PUT    /api/pools/POOL                          {algorithm}

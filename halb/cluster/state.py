@@ -19,7 +19,8 @@ Commands (dicts with an "op"):
     add_backend     {pool, backend: BACKEND}                BACKEND = {name, address "HOST:PORT",
     remove_backend  {pool, name}                                       weight 0..256 = 1,
     set_backend     {pool, name, weight?, draining?}                   draining = false,
-    set_algorithm   {pool, algorithm}                                  agent "HOST:PORT" | null}
+    set_algorithm   {pool, algorithm}                                  agent "HOST:PORT" | null,
+                                                                       maxconn?, backup?}
     register        {node, address, admin, role}            who is who (status shows names)
     acquire         {lease, node, now, duration, seen?: {holder, seq, at}}
     renew           {lease, node, now, duration}
@@ -122,20 +123,29 @@ def _algorithm(value: Any) -> str:
 
 
 def backend_record(raw: Any) -> dict[str, Any]:
-    """A validated, normalised backend: {name, address, weight, draining, agent}."""
+    """A validated, normalised backend: {name, address, weight, draining, agent}, plus `maxconn` and
+    `backup` only when set (a record without them is what members before those fields wrote and read)."""
     if not isinstance(raw, dict):
         raise Rejected("invalid", f"a backend must be an object, got {raw!r}")
-    unknown = sorted(set(raw) - {"name", "address", "weight", "draining", "agent"})
+    unknown = sorted(set(raw) - {"name", "address", "weight", "draining", "agent", "maxconn", "backup"})
     if unknown:
         raise Rejected("invalid", f"unknown backend field {unknown[0]!r}")
     agent = raw.get("agent")
-    return {
+    record = {
         "name": _name(_field(raw, "name"), "backend name"),
         "address": _host_port(_field(raw, "address"), "backend address"),
         "weight": _weight(raw.get("weight", 1)),
         "draining": _bool(raw.get("draining", False), "draining"),
         "agent": None if agent is None else _host_port(agent, "agent"),
     }
+    maxconn = raw.get("maxconn")
+    if maxconn is not None:
+        if isinstance(maxconn, bool) or not isinstance(maxconn, int) or not 0 <= maxconn <= 10_000_000:
+            raise Rejected("invalid", f"maxconn must be an integer 0..10000000, got {maxconn!r}")
+        record["maxconn"] = maxconn
+    if _bool(raw.get("backup", False), "backup"):
+        record["backup"] = True
+    return record
 
 
 def pool_record(raw: Any, pool: str) -> dict[str, Any]:
@@ -421,6 +431,8 @@ def seed_command(pools: dict[str, Any]) -> dict[str, Any]:
                         "weight": b.weight,
                         "draining": b.draining,
                         "agent": str(b.agent) if b.agent is not None else None,
+                        **({"maxconn": b.maxconn} if b.maxconn is not None else {}),
+                        **({"backup": True} if b.backup else {}),
                     }
                     for b in pool.backends
                 ],

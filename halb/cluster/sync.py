@@ -1,12 +1,13 @@
 """From the cluster's shared configuration to this node's runtime pool definitions.
 
 How this works: the replicated state holds, per pool, the algorithm and the backends (name, address,
-weight, drain flag, agent). Everything else about a pool -- health checks, timeouts, retries, hash key,
-slow start -- stays in each node's TOML file. `merge_pools(local, shared)` returns the node's
-`PoolConfig`s with the shared parts substituted; a pool the cluster does not know keeps its TOML
-definition (it is seeded on start), and a shared pool no local listener uses is ignored here.
-`change_kind(old, new)` tells the composition root how much to redo: nothing, only push backend state
-(weight/drain), or rebuild the pool (backends added/removed/moved, algorithm changed).
+weight, drain flag, agent, and the backend's own maxconn and backup flag when set). Everything else about
+a pool -- health checks, timeouts, retries, hash key, slow start -- stays in each node's TOML file.
+`merge_pools(local, shared)` returns the node's `PoolConfig`s with the shared parts substituted; a pool
+the cluster does not know keeps its TOML definition (it is seeded on start), and a shared pool no local
+listener uses is ignored here. `change_kind(old, new)` tells the composition root how much to redo:
+nothing, only push backend state (weight, drain, maxconn, backup), or rebuild the pool (backends
+added/removed/moved, algorithm changed).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def backend_config(record: Mapping[str, Any]) -> BackendConfig:
         weight=int(record.get("weight", 1)),
         agent=parse_host_port(agent) if agent else None,
         draining=bool(record.get("draining", False)),
+        maxconn=record.get("maxconn"),
+        backup=bool(record.get("backup", False)),
     )
 
 
@@ -47,7 +50,7 @@ def merge_pools(local: Mapping[str, PoolConfig], shared: Mapping[str, Any]) -> d
 
 
 def change_kind(old: PoolConfig, new: PoolConfig) -> str:
-    """ "none", "state" (only weights/drain flags changed) or "rebuild"."""
+    """ "none", "state" (only weights, drain flags, maxconn or backup flags changed) or "rebuild"."""
     if old == new:
         return "none"
     if old.algorithm != new.algorithm or [(b.name, b.address, b.agent) for b in old.backends] != [

@@ -32,9 +32,11 @@ def node_config(
     workers: int = 1,
     mode: str = "http",
     drain_timeout: float = 5.0,
+    backups: tuple[str, ...] = (),
 ) -> str:
     rows = ",\n".join(
-        f'  {{ name = "{name}", address = "127.0.0.1:{port}", weight = {weight} }}'
+        f'  {{ name = "{name}", address = "127.0.0.1:{port}", weight = {weight}'
+        + (", backup = true }" if name in backups else " }")
         for name, port, weight in backends
     )
     return f"""
@@ -424,3 +426,31 @@ def test_halb_status_renders_table_and_json(processes: Processes) -> None:
     )
     docs = json.loads(both.stdout)
     assert len(docs) == 2 and "error" in docs[1] and both.returncode == 0
+
+
+def test_a_backup_backend_serves_only_while_the_others_are_down(processes: Processes) -> None:
+    ports = {name: free_port() for name in ("web1", "sorry")}
+    procs = {name: processes.backend(name, port) for name, port in ports.items()}
+    admin, listen = free_port(), free_port()
+    backends = [("web1", ports["web1"], 1), ("sorry", ports["sorry"], 1)]
+    processes.node(node_config(admin, listen, backends, backups=("sorry",)), admin)
+    assert backend_status(admin, "sorry")["backup"] is True
+    shown = subprocess.run(
+        [sys.executable, "-m", "halb", "status", "--admin", f"127.0.0.1:{admin}"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        env={**os.environ, "COLUMNS": "160"},
+    ).stdout
+    assert "sorry (backup)" in shown, shown
+    assert {get(listen)[1] for _ in range(10)} == {b"web1\n"}  # the backup idles while web1 is up
+    procs["web1"].kill()
+    procs["web1"].wait()
+    # Once the worker knows web1 is down (a request in between may still try web1 and get a 503, as
+    # with HAProxy, whose backups too wait for the others to be marked down), the backup answers.
+    wait_for(lambda: get(listen)[1] == b"sorry\n", timeout=5)
+    assert not backend_status(admin, "web1")["healthy"]
+    assert {get(listen)[1] for _ in range(10)} == {b"sorry\n"}
+    processes.backend("web1", ports["web1"])
+    wait_for(lambda: get(listen)[1] == b"web1\n", timeout=10)
+    assert {get(listen)[1] for _ in range(10)} == {b"web1\n"}  # and hands back at once

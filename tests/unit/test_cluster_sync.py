@@ -12,7 +12,7 @@ import pytest
 from halb.admin import AdminServer
 from halb.cluster.api import ClusterApi
 from halb.cluster.raft import Applied, CommandFailed, RaftTimings, _Store, make_conf, raft_id
-from halb.cluster.state import ClusterState
+from halb.cluster.state import ClusterState, seed_command
 from halb.cluster.sync import change_kind, merge_pools
 from halb.config import parse
 from halb.config_model import ClusterSettings, HostPort
@@ -89,6 +89,40 @@ def test_pool_reconfigure_keeps_unchanged_backends() -> None:
     assert pool.get("c") is pool.backends[2]
     assert pool.policy.name == "random"
     assert pool.config is new
+
+
+def test_a_backends_maxconn_and_backup_flag_survive_the_shared_configuration() -> None:
+    # The TOML seeds the cluster; every node then builds its pools from the shared records. A backend's
+    # own maxconn and its backup flag must come back out (maxconn used to be dropped here).
+    toml = parse(
+        {
+            "node": {"name": "lb1"},
+            "pools": {
+                "app": {
+                    "backends": [
+                        {"name": "a", "address": "10.0.0.1:80", "maxconn": 7},
+                        {"name": "b", "address": "10.0.0.2:80"},
+                        {"name": "sorry", "address": "10.0.0.3:80", "backup": True},
+                    ]
+                }
+            },
+        }
+    )
+    state = ClusterState()
+    assert state.apply(seed_command(toml.pools))["ok"]
+    records = state.config_view()["pools"]["app"]["backends"]
+    assert "maxconn" not in records[1] and "backup" not in records[1]  # unset: as older members wrote
+    merged = merge_pools(toml.pools, state.config_view()["pools"])["app"]
+    assert [(b.name, b.maxconn, b.backup) for b in merged.backends] == [
+        ("a", 7, False),
+        ("b", None, False),
+        ("sorry", None, True),
+    ]
+    assert change_kind(toml.pools["app"], merged) == "none"
+    result = state.apply(
+        {"op": "add_backend", "pool": "app", "backend": {"name": "c", "address": "10.0.0.4:80", "backup": 1}}
+    )
+    assert result == {"ok": False, "code": "invalid", "error": "backup must be true or false, got 1"}
 
 
 # --- the admin API: token and routing -----------------------------------------------------------------------

@@ -63,6 +63,7 @@ def test_limit_keys(tmp_path: Path) -> None:
             backend=", maxconn = 7",
         )
     )
+    assert cfg.pools["app"].backends[0].backup is False
     assert cfg.node.maxconn == 20000
     assert (cfg.listeners[0].maxconn, cfg.listeners[0].maxconn_per_ip) == (5000, 50)
     assert cfg.listeners[0].accept_proxy is True
@@ -80,6 +81,8 @@ def test_limit_keys(tmp_path: Path) -> None:
         ({"backend": ', maxconn = "x"'}, "pools.app.backends[0].maxconn: expected an integer"),
         ({"listener": "max_conn = 3"}, "listeners[0].max_conn: unknown key"),
         ({"listener": 'accept_proxy = "v2"'}, "listeners[0].accept_proxy: expected true or false"),
+        ({"backend": ", backup = 1"}, "pools.app.backends[0].backup: expected true or false"),
+        ({"backend": ", backup = true"}, "pools.app.backends: every backend is a backup"),
     ],
 )
 def test_limit_errors_name_file_key_and_problem(tmp_path: Path, kw: dict[str, str], expected: str) -> None:
