@@ -13,7 +13,8 @@ TTL), then a pure decision (`decide`):
 
 A new backend is, by default, the consistent-hash ring's choice for the session key (the pool's
 `halb.balancing.consistent_hash` ring: the same ring, the same hash, so the same answer in every balancer);
-it only considers available backends, so a draining backend gets no new sessions. The fallback asks the
+it only considers available backends, so a draining backend gets no new sessions, and it takes a `backup`
+backend only while no other backend is available. The fallback asks the
 same ring, so while Redis is unreachable every session whose mapping was made by the ring and whose
 backend is still up lands exactly where the store would have sent it; sessions that were rehomed, or that
 were assigned by a custom `choose_new` (e.g. the pool's least-connections policy), may land elsewhere
@@ -96,18 +97,28 @@ class StickySessions:
         self.pool = pool
         self.store = store
         self.ttl = ttl
-        self.ring = ConsistentHash(backends)
+        self.ring = ConsistentHash([b for b in backends if not b.backup])
+        self.backup_ring = ConsistentHash([b for b in backends if b.backup])
+        self._primaries: list[Backend] = []
         self._choose_new = choose_new
         self._by_name: dict[str, Backend] = {}
         self.counts: Counter[str] = Counter()  # decisions by source, for metrics
         self.update(backends)
 
     def update(self, backends: Sequence[Backend]) -> None:
-        self.ring.update(backends)  # rebuilds only when names/addresses/weights changed
+        self._primaries = [b for b in backends if not b.backup]
+        self.ring.update(self._primaries)  # rebuilds only when names/addresses/weights changed
+        self.backup_ring.update([b for b in backends if b.backup])
         self._by_name = {b.name: b for b in backends}
 
     def ring_choice(self, key: str, exclude: Collection[Backend] = ()) -> Backend | None:
-        return self.ring.choose(Context(key=key), exclude)
+        """The ring's backend for `key`: among the backends in normal use, or among the backups while
+        none of those is available (halb.pool)."""
+        ctx = Context(key=key)
+        chosen = self.ring.choose(ctx, exclude)
+        if chosen is None and not any(b.available for b in self._primaries):
+            chosen = self.backup_ring.choose(ctx, exclude)
+        return chosen
 
     async def resolve(self, key: str, exclude: Collection[Backend] = ()) -> StickyChoice:
         if self._choose_new is None:

@@ -421,6 +421,27 @@ def test_sticky_falls_back_to_the_ring_when_the_store_fails() -> None:
     run(scenario())
 
 
+def test_sticky_new_sessions_reach_a_backup_only_while_no_other_backend_is_up() -> None:
+    clock = FakeClock()
+    pool = backends()
+    pool[3].backup = True  # web4: the sorry server
+    store, sticky = sticky_setup(clock, pool)
+
+    async def scenario() -> None:
+        keys = [new_session_id() for _ in range(200)]
+        for k in keys:  # with the store, and (store.fail) from the ring alone
+            assert (await sticky.resolve(k)).backend is not pool[3]
+        store.fail = True
+        assert all(sticky.ring_choice(k) is not pool[3] for k in keys)
+        for b in pool[:3]:
+            b.healthy = False
+        assert {(await sticky.resolve(k)).backend for k in keys} == {pool[3]}
+        pool[0].healthy = True
+        assert {(await sticky.resolve(k)).backend for k in keys} == {pool[0]}
+
+    run(scenario())
+
+
 def test_sticky_custom_chooser_and_excluded_retry() -> None:
     clock = FakeClock()
     pool = backends(3)
