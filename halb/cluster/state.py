@@ -148,6 +148,12 @@ def backend_record(raw: Any) -> dict[str, Any]:
     return record
 
 
+def _one_not_backup(pool: str, backends: list[dict[str, Any]]) -> None:
+    """A pool keeps at least one backend that is not a backup (as the TOML loader requires)."""
+    if backends and all(b.get("backup") for b in backends):
+        raise Rejected("conflict", f"pool {pool!r} would have only backup backends")
+
+
 def pool_record(raw: Any, pool: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise Rejected("invalid", f"pool {pool!r} must be an object")
@@ -157,6 +163,7 @@ def pool_record(raw: Any, pool: str) -> dict[str, Any]:
     if len(backends_raw) > MAX_BACKENDS:
         raise Rejected("invalid", f"pool {pool!r}: at most {MAX_BACKENDS} backends")
     backends = [backend_record(b) for b in backends_raw]
+    _one_not_backup(pool, backends)
     names = [b["name"] for b in backends]
     if len(set(names)) != len(names):
         raise Rejected("invalid", f"pool {pool!r} lists a backend name twice")
@@ -232,6 +239,7 @@ class ClusterState:
             raise Rejected("conflict", f"pool {pool_name!r} already has a backend {backend['name']!r}")
         if len(pool["backends"]) >= MAX_BACKENDS:
             raise Rejected("conflict", f"pool {pool_name!r} already has {MAX_BACKENDS} backends")
+        _one_not_backup(pool_name, [*pool["backends"], backend])
         pool["backends"].append(backend)
         return self._changed(pool_name, backend=dict(backend))
 
@@ -242,6 +250,7 @@ class ClusterState:
             raise Rejected(
                 "conflict", f"{cmd['name']!r} is the last backend of pool {pool_name!r}; drain it instead"
             )
+        _one_not_backup(pool_name, [b for i, b in enumerate(pool["backends"]) if i != index])
         removed = pool["backends"].pop(index)
         return self._changed(pool_name, backend=dict(removed))
 

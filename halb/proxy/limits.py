@@ -272,8 +272,11 @@ class BackendQueue:
 
     def _free_slots(self) -> int:
         limits = self._refresh()
+        pool = self.pool
+        # (the backups' slots count only while they are the ones in use: halb.pool)
+        usable = pool.primaries if any(b.available for b in pool.primaries) else pool.backups
         free = 0
-        for b in self.pool.backends:
+        for b in usable:
             if not b.available:
                 continue
             limit = limits.get(b.name, 0)

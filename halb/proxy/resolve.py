@@ -3,13 +3,15 @@
 How this works: `BackendResolver.addresses(host, port)` gives the `(family, sockaddr)` list to connect
 to, in getaddrinfo's order (the system's preference, e.g. RFC 6724). An IP address is its own answer,
 with no lookup. A host name is resolved through the event loop's `getaddrinfo` (a thread, so the loop
-never blocks) on first use and the answer kept for `valid` seconds: the proxy does not ask DNS for every
-connection. A lookup after that refreshes it; when that lookup fails (DNS down, a timeout), the last
-answer stays in use and the next lookup is tried `valid` seconds later, as HAProxy keeps a server's
-address while its resolvers fail; the failure is logged once per attempt. Callers asking for the same
-name at once share one lookup. `cached()` answers without waiting when it can (the raw TCP relay's
-synchronous path, which tries the addresses itself). `connect()` opens a transport to the first address
-that accepts, for the code paths on asyncio transports.
+never blocks) on first use; the answer is then used at once by every connection, and refreshed in the
+background when it is more than `valid` seconds old: no connection waits for DNS after the first lookup
+of a name. When a refresh fails (DNS down, a timeout), the last answer stays in use and the next refresh
+is tried `valid` seconds later, as HAProxy keeps a server's address while its resolvers fail; the
+failure is logged once per attempt. A name that has never resolved fails at once for `valid` seconds
+after a failed lookup, instead of asking DNS per connection. Callers asking for the same name at once
+share one lookup. `cached()` answers without waiting when it can (the raw TCP relay's synchronous path,
+which tries the addresses itself). `connect()` opens a transport to the first address that accepts, for
+the code paths on asyncio transports; the first lookup of a name counts against its connect timeout.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class BackendResolver:
         self.lookup_failures_total = 0
 
     def cached(self, host: str, port: int) -> list[Address] | None:
-        """The addresses when known without a lookup (an IP address, or a fresh answer); else None."""
+        """The addresses when known without waiting (an IP address, or a name's last answer, refreshed in
+        the background when due); None while a name has no answer yet."""
         key = (host, port)
         fixed = self._fixed.get(key)
         if fixed is not None:
@@ -73,9 +76,11 @@ class BackendResolver:
                     self._fixed.clear()
                 self._fixed[key] = literal
             return literal
-        if entry.addresses and self.clock() < entry.next_lookup:
-            return entry.addresses
-        return None
+        if not entry.addresses:
+            return None
+        if entry.lookup is None and self.clock() >= entry.next_lookup:
+            self._start_lookup(host, port, entry)  # (the callers go on with the last answer)
+        return entry.addresses
 
     async def addresses(self, host: str, port: int) -> list[Address]:
         """The addresses to try, in order. Raises OSError while the name has never resolved (the
@@ -91,12 +96,16 @@ class BackendResolver:
             entry = self._names[key] = _Entry()
         if entry.error and self.clock() < entry.next_lookup:
             raise OSError(entry.error)
-        if entry.lookup is None:
-            entry.lookup = self.loop.create_future()
-            task = self.loop.create_task(self._look_up(host, port, entry, entry.lookup))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(entry.lookup)
+        lookup = entry.lookup or self._start_lookup(host, port, entry)
+        return await asyncio.shield(lookup)
+
+    def _start_lookup(self, host: str, port: int, entry: _Entry) -> asyncio.Future[list[Address]]:
+        lookup: asyncio.Future[list[Address]] = self.loop.create_future()
+        entry.lookup = lookup
+        task = self.loop.create_task(self._look_up(host, port, entry, lookup))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return lookup
 
     async def _look_up(
         self, host: str, port: int, entry: _Entry, lookup: asyncio.Future[list[Address]]
@@ -115,13 +124,19 @@ class BackendResolver:
                 entry.error = f"cannot resolve backend {host}: {exc}"
         else:
             entry.addresses, entry.error = found, ""
-        entry.next_lookup = self.clock() + self.valid
-        entry.lookup = None
-        if entry.addresses:
-            lookup.set_result(entry.addresses)
-        else:
-            lookup.set_exception(OSError(entry.error))
-            lookup.exception()  # (retrieved: nobody may be waiting any more)
+        finally:  # (also when cancelled: the next caller starts a new lookup, nobody waits forever)
+            entry.next_lookup = self.clock() + self.valid
+            entry.lookup = None
+            if entry.addresses:
+                lookup.set_result(entry.addresses)
+            else:
+                lookup.set_exception(OSError(entry.error or f"the lookup of backend {host} was cancelled"))
+                lookup.exception()  # (retrieved: nobody may be waiting any more)
+
+    def close(self) -> None:
+        """Cancel the lookups in progress (the proxy is closing)."""
+        for task in list(self._tasks):
+            task.cancel()
 
     async def connect(
         self, factory: Callable[[], _P], host: str, port: int, timeout: float
@@ -129,10 +144,14 @@ class BackendResolver:
         """`loop.create_connection` to the first of the backend's addresses that accepts, each given
         `timeout` seconds (HAProxy's `timeout connect` is per attempt too). Raises the last error."""
         error: OSError | None = None
-        for family, sockaddr in await self.addresses(host, port):
+        async with asyncio.timeout(timeout):  # (the first lookup of a name, if it has to wait for one)
+            addresses = await self.addresses(host, port)
+        for family, sockaddr in addresses:
             try:
                 async with asyncio.timeout(timeout):
-                    return await self.loop.create_connection(factory, sockaddr[0], sockaddr[1], family=family)
+                    return await self.loop.create_connection(
+                        factory, _host(sockaddr), sockaddr[1], family=family
+                    )
             except OSError as exc:  # (TimeoutError is an OSError)
                 error = exc
         assert error is not None
@@ -145,6 +164,13 @@ def _literal(host: str, port: int) -> list[Address] | None:
     except ValueError:
         return None
     return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))]
+
+
+def _host(sockaddr: tuple[Any, ...]) -> str:
+    """The address as `create_connection` takes it: an IPv6 link-local one keeps its scope (fe80::1%2)."""
+    if len(sockaddr) >= 4 and sockaddr[3]:
+        return f"{sockaddr[0]}%{sockaddr[3]}"
+    return str(sockaddr[0])
 
 
 def _show(addresses: list[Address]) -> str:

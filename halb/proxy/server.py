@@ -232,6 +232,8 @@ class ProxyServer:
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
         self.upstream.close_all()
+        if self.upstream.resolver is not None:
+            self.upstream.resolver.close()  # (lookups in progress)
         for server in self._servers.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)

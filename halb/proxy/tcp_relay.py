@@ -408,9 +408,10 @@ class RawSession(SessionCore):
 
     async def _connect_named(self, backend: Backend) -> None:
         """A backend given by host name: its addresses (looked up without blocking the loop), then connect."""
-        try:
-            addresses = await self.listener.resolver.addresses(backend.host, backend.port)
-        except OSError as exc:
+        resolver, timeout = self.listener.resolver, self.listener.pool.config.connect_timeout
+        try:  # (a first lookup counts against the connect timeout)
+            addresses = await asyncio.wait_for(resolver.addresses(backend.host, backend.port), timeout)
+        except OSError as exc:  # (a timeout too)
             self.connect_failed(exc)
             return
         if not self.closed:

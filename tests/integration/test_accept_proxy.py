@@ -121,6 +121,7 @@ def test_tcp_a_bad_missing_or_late_header_is_counted_and_closed(first: bytes) ->
             assert accepted == []  # no backend was asked
             assert listener_stats(server)["rejected"] == {"proxy_header": 1}
             await poll(lambda: open_fds() <= baseline)
+            assert server.stats()["connections"] == {"current": 0, "limit": server.gate.limit}  # released
             # ...and the listener goes on serving.
             reader, writer = await connect(addr)
             writer.write(proxy_header("v1", ("203.0.113.9", 1), FRONT) + b"ok")
@@ -149,6 +150,11 @@ def test_limits_count_the_named_client_and_allow_deny_judge_the_peer() -> None:
             for w in held:
                 w.close()
             await poll(lambda: listener_stats(server)["connections_active"] == 0)
+            assert server.stats()["connections"]["current"] == 0
+            reader, writer = await connect(addr)  # 203.0.113.1's slot was given back
+            writer.write(proxy_header("v1", ("203.0.113.1", 1002), FRONT) + b"hi")
+            assert await reader.readexactly(2) == b"hi"
+            writer.close()
         # deny judges the connection's peer (the proxy in front), whatever address its header names
         async with (
             backend(echo) as (port, _),
@@ -158,6 +164,25 @@ def test_limits_count_the_named_client_and_allow_deny_judge_the_peer() -> None:
             writer.write(proxy_header("v1", ("203.0.113.1", 1000), FRONT) + b"hi")
             assert await refused(reader)
             assert listener_stats(server)["rejected"] == {"denied": 1}
+
+    run(main)
+
+
+def test_connections_still_sending_their_header_when_the_proxy_closes_are_closed_and_released() -> None:
+    async def main() -> None:
+        async with backend(echo) as (port, accepted):
+            async with proxy(make_pool([port]), accept_proxy=True) as (server, addr):
+                readers = []
+                for first in (b"", b"PROXY TCP4 203.0.113.9"):
+                    reader, writer = await connect(addr)
+                    writer.write(first)
+                    readers.append(reader)
+                relay = server._servers["tcp"]  # (white box: both accepted, their headers being read)
+                await poll(lambda: len(relay.tasks()) == 2)
+            assert server.stats()["connections"]["current"] == 0  # their slots were given back
+            for reader in readers:
+                assert await refused(reader)  # and their sockets closed
+            assert accepted == []
 
     run(main)
 

@@ -123,6 +123,10 @@ def test_a_backends_maxconn_and_backup_flag_survive_the_shared_configuration() -
         {"op": "add_backend", "pool": "app", "backend": {"name": "c", "address": "10.0.0.4:80", "backup": 1}}
     )
     assert result == {"ok": False, "code": "invalid", "error": "backup must be true or false, got 1"}
+    # At least one backend that is not a backup stays, as the TOML loader requires.
+    assert state.apply({"op": "remove_backend", "pool": "app", "name": "a"})["ok"]
+    refused = state.apply({"op": "remove_backend", "pool": "app", "name": "b"})
+    assert refused == {"ok": False, "code": "conflict", "error": "pool 'app' would have only backup backends"}
 
 
 # --- the admin API: token and routing -----------------------------------------------------------------------

@@ -57,7 +57,13 @@ def test_an_ip_address_is_its_own_answer() -> None:
     asyncio.run(main())
 
 
-def test_a_name_is_looked_up_once_then_again_after_valid_seconds() -> None:
+async def settle() -> None:
+    """Let background lookups run (the fake DNS answers at once)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_a_name_is_looked_up_once_then_refreshed_in_the_background() -> None:
     async def main() -> None:
         dns, clock = FakeDns("10.0.0.1", "10.0.0.2"), Clock()
         r = resolver(dns, clock)
@@ -68,10 +74,46 @@ def test_a_name_is_looked_up_once_then_again_after_valid_seconds() -> None:
         assert ips(await r.addresses("app", 80)) == ["10.0.0.1", "10.0.0.2"]
         assert dns.lookups == 1
         dns.ips = ["10.0.0.3"]
-        clock.now += 0.2
-        assert r.cached("app", 80) is None  # due for a refresh
+        clock.now += 0.2  # due for a refresh: callers keep the last answer while it runs
+        assert ips(r.cached("app", 80) or []) == ["10.0.0.1", "10.0.0.2"]
+        assert ips(await r.addresses("app", 80)) == ["10.0.0.1", "10.0.0.2"]
+        await settle()
         assert ips(await r.addresses("app", 80)) == ["10.0.0.3"]
-        assert dns.lookups == 2 and r.lookups_total == 2
+        assert dns.lookups == 2 and r.lookups_total == 2  # one refresh, however many callers
+
+    asyncio.run(main())
+
+
+def test_a_slow_refresh_holds_no_caller_up() -> None:
+    async def main() -> None:
+        dns, clock = FakeDns("10.0.0.1"), Clock()
+        r = resolver(dns, clock)
+        await r.addresses("app", 80)
+        dns.gate = asyncio.Event()  # DNS stops answering
+        clock.now += 11
+        for _ in range(3):
+            assert ips(await asyncio.wait_for(r.addresses("app", 80), 1)) == ["10.0.0.1"]
+        assert dns.lookups == 2  # one refresh waiting, not one per caller
+        r.close()
+        await settle()
+
+    asyncio.run(main())
+
+
+def test_a_first_lookup_counts_against_the_connect_timeout_and_a_cancelled_one_leaves_nothing() -> None:
+    async def main() -> None:
+        dns = FakeDns("127.0.0.1")
+        dns.gate = asyncio.Event()  # DNS does not answer
+        r = resolver(dns, Clock())
+        with pytest.raises(TimeoutError):
+            await r.connect(asyncio.Protocol, "app", 9, timeout=0.05)
+        waiting = asyncio.ensure_future(r.addresses("app", 9))
+        await asyncio.sleep(0)
+        r.close()  # the proxy closes: the lookup is cancelled, its callers get an error
+        with pytest.raises(OSError, match="cancelled"):
+            await waiting
+        dns.gate = None
+        assert ips(await r.addresses("app", 9)) == ["127.0.0.1"]  # a new lookup, not a stuck one
 
     asyncio.run(main())
 
@@ -100,11 +142,14 @@ def test_a_failed_refresh_keeps_the_last_answer(caplog: pytest.LogCaptureFixture
         clock.now += 11
         with caplog.at_level(logging.WARNING, logger="halb.proxy"):
             assert ips(await r.addresses("app", 80)) == ["10.0.0.1"]  # DNS down: still connectable
+            await settle()
         assert "lookup failed" in caplog.text and "keeping 10.0.0.1" in caplog.text
         assert ips(r.cached("app", 80) or []) == ["10.0.0.1"]  # and not asked again for `valid` seconds
         assert dns.lookups == 2 and r.lookup_failures_total == 1
         dns.ips = ["10.0.0.9"]
         clock.now += 11
+        await r.addresses("app", 80)
+        await settle()
         assert ips(await r.addresses("app", 80)) == ["10.0.0.9"]  # back: the new answer
 
     asyncio.run(main())
