@@ -117,6 +117,7 @@ class Worker:
                 pool = self.pools.get(name)
                 if pool is not None:
                     pool.reconfigure(pool_config)
+            self.server.pools_changed(message["pools"])  # (a maxconn that is new to a pool: its queue)
         elif kind == "reload_tls":
             self.reload_tls()
         elif kind == "drain":

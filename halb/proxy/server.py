@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from halb.config_model import ListenerConfig
@@ -97,6 +97,8 @@ class ProxyServer:
         self._addresses: dict[str, tuple[str, int]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self._started = False
+        self._queues: dict[str, BackendQueue | None] = {}  # each pool's maxconn queue (built at start)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Bind and serve every listener. Raises OSError naming the listener when a bind fails."""
@@ -105,6 +107,7 @@ class ProxyServer:
         self._started = True
         loop = asyncio.get_running_loop()
         queues = {name: make_backend_queue(pool, self.workers, loop) for name, pool in self.pools.items()}
+        self._queues, self._loop = queues, loop
         resolver = self.upstream.resolver = BackendResolver(loop)  # one per worker, for every listener
         try:
             for config in self.listeners:
@@ -189,6 +192,32 @@ class ProxyServer:
     ) -> PoolRoute:
         pool = self.pools[name]
         return PoolRoute(pool, queues[name], self._hook(config, pool))
+
+    def pools_changed(self, names: Iterable[str]) -> None:
+        """After `Pool.reconfigure` (the cluster's shared configuration): a pool that now has a `maxconn`
+        but had none when the server started gets its queue, in every listener and route that sends to
+        it (which then stop serving requests inline: the queue may have to wait)."""
+        if self._loop is None:
+            return
+        for name in names:
+            pool = self.pools.get(name)
+            if pool is None or self._queues.get(name) is not None:
+                continue
+            queue = make_backend_queue(pool, self.workers, self._loop)
+            if queue is None:
+                continue
+            self._queues[name] = queue
+            for handler in self._handlers.values():
+                if isinstance(handler, TcpListener):
+                    if handler.pool is pool:
+                        handler.queue = queue
+                    continue
+                for route in handler.router.all:
+                    if route.pool is pool:
+                        route.queue = queue
+                        route.inline_ok = False
+                handler.inline_ok = handler.inline_ok and any(r.inline_ok for r in handler.router.all)
+            log.info("pool %s: per-backend maxconn queue started", name)
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener (useful with port 0)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -189,6 +190,33 @@ def test_backend_maxconn_queues_requests_in_order() -> None:
                 stats = lstats(server)
                 assert stats["queued_total"] == 2 and stats["queued"] == 0
                 assert pool.backends[0].active_connections == 0
+
+    run(main)
+
+
+def test_a_backend_maxconn_that_arrives_at_run_time_gets_its_queue() -> None:
+    # The cluster's shared configuration gives a backend a maxconn that its pool did not have when the
+    # proxy started (Pool.reconfigure, then pools_changed, as a worker does): it is enforced at once.
+    async def main() -> None:
+        gate = asyncio.Event()
+        async with backends(gated_handler(gate)) as (be,):
+            pool = pool_of([be.port], queue_timeout=5.0)
+            async with serve(pool, "http", "tcp") as (server, (addr, _)):
+                assert (await (await Client.connect(addr)).get("/warm")).status == 200  # inline, no queue
+                config = pool.config
+                limited = tuple(dataclasses.replace(b, maxconn=1) for b in config.backends)
+                pool.reconfigure(dataclasses.replace(config, backends=limited))
+                server.pools_changed(["app"])
+                slow = await occupy(addr, pool)
+                waiting = await Client.connect(addr)
+                waiting.writer.write(b"GET /q HTTP/1.1\r\nHost: t\r\n\r\n")
+                await poll(lambda: lstats(server)["queued"] == 1)
+                assert [r.target for r in be.requests] == ["/warm", "/slow"]  # /q waits for the slot
+                gate.set()
+                assert (await read_response(slow.reader)).status == 200
+                assert (await read_response(waiting.reader)).body == b"GET /q 0"
+                assert lstats(server)["queued_total"] == 1
+                assert server._handlers["l1"].queue is not None  # (white box: the TCP listener's too)
 
     run(main)
 
