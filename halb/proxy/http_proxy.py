@@ -241,9 +241,19 @@ class HttpListener:
         self.set_headers = SetHeaders(config.response_headers) if config.response_headers else None
         # The pool of each request: the listener's own (`router.default`), or a route's (halb.proxy.routes).
         self.router = Router(PoolRoute(pool, queue, sessions), routes)
-        # Requests may be served inline, in the protocol callbacks (see HttpConnection._serve_inline),
-        # unless a per-request hook of their pool may have to wait (the sessions hook, the maxconn queue).
-        self.inline_ok = not config.redirect_to_https and any(r.inline_ok for r in self.router.all)
+        self.inline_ok = self._inline_ok()
+
+    def _inline_ok(self) -> bool:
+        """Requests may be served inline, in the protocol callbacks (see HttpConnection._serve_inline),
+        unless a per-request hook of their pool may have to wait (the sessions hook, the maxconn queue)."""
+        return not self.config.redirect_to_https and any(r.inline_ok for r in self.router.all)
+
+    def set_queue(self, pool: Pool, queue: BackendQueue) -> None:
+        """`pool` got a maxconn queue at run time (ProxyServer.pools_changed): every route to it uses it."""
+        for route in self.router.all:
+            if route.pool is pool:
+                route.set_queue(queue)
+        self.inline_ok = self._inline_ok()
 
     def protocol_factory(self) -> asyncio.Protocol:
         return HttpConnection(self)

@@ -36,10 +36,8 @@ class PoolRoute:
         self, pool: Pool, queue: BackendQueue | None = None, sessions: ListenerHook | None = None
     ) -> None:
         self.pool = pool
-        self.queue = queue  # per-backend maxconn queue of the pool; None when no backend has maxconn
         self.sessions = sessions  # [state] hook: rate limits + sticky sessions (halb.proxy.sessions_hook)
-        # Served inline (from the protocol callbacks) unless a per-request hook may have to wait.
-        self.inline_ok = sessions is None and queue is None
+        self.set_queue(queue)
         hash_key = pool.config.hash_key
         self._key_kind = 0
         self._key_name = b""
@@ -50,6 +48,12 @@ class PoolRoute:
         elif hash_key == "path":
             self._key_kind = 3
         self.keyed = self._key_kind != 0  # hash_key() has something to extract from requests
+
+    def set_queue(self, queue: BackendQueue | None) -> None:
+        """The pool's per-backend maxconn queue (None when no backend has a maxconn). A route is served
+        inline (from the protocol callbacks) unless a per-request hook may have to wait."""
+        self.queue = queue
+        self.inline_ok = self.sessions is None and queue is None
 
     def hash_key(self, req: RequestHead) -> str:
         """The balancing key of a request per `pool.config.hash_key` ("" = use the client IP)."""

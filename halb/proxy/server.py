@@ -208,15 +208,7 @@ class ProxyServer:
                 continue
             self._queues[name] = queue
             for handler in self._handlers.values():
-                if isinstance(handler, TcpListener):
-                    if handler.pool is pool:
-                        handler.queue = queue
-                    continue
-                for route in handler.router.all:
-                    if route.pool is pool:
-                        route.queue = queue
-                        route.inline_ok = False
-                handler.inline_ok = handler.inline_ok and any(r.inline_ok for r in handler.router.all)
+                handler.set_queue(pool, queue)
             log.info("pool %s: per-backend maxconn queue started", name)
 
     def address(self, listener: str) -> tuple[str, int]:

@@ -90,6 +90,11 @@ class TcpListener:
     def protocol_factory(self) -> asyncio.Protocol:
         return TcpSession(self)
 
+    def set_queue(self, pool: Pool, queue: BackendQueue) -> None:
+        """`pool` got a maxconn queue at run time (ProxyServer.pools_changed)."""
+        if self.pool is pool:
+            self.queue = queue
+
     def count_rejected(self, reason: str) -> None:
         rejected = self.stats.rejected
         rejected[reason] = rejected.get(reason, 0) + 1
