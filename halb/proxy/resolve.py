@@ -82,9 +82,10 @@ class BackendResolver:
             self._start_lookup(host, port, entry)  # (the callers go on with the last answer)
         return entry.addresses
 
-    async def addresses(self, host: str, port: int) -> list[Address]:
+    async def addresses(self, host: str, port: int, timeout: float | None = None) -> list[Address]:
         """The addresses to try, in order. Raises OSError while the name has never resolved (the
-        failed lookup is repeated at most every `valid` seconds, not per caller)."""
+        failed lookup is repeated at most every `valid` seconds, not per caller), TimeoutError when a
+        first lookup takes longer than `timeout` (it goes on for the next caller)."""
         known = self.cached(host, port)
         if known is not None:
             return known
@@ -97,7 +98,7 @@ class BackendResolver:
         if entry.error and self.clock() < entry.next_lookup:
             raise OSError(entry.error)
         lookup = entry.lookup or self._start_lookup(host, port, entry)
-        return await asyncio.shield(lookup)
+        return await asyncio.wait_for(asyncio.shield(lookup), timeout)
 
     def _start_lookup(self, host: str, port: int, entry: _Entry) -> asyncio.Future[list[Address]]:
         lookup: asyncio.Future[list[Address]] = self.loop.create_future()
@@ -144,9 +145,7 @@ class BackendResolver:
         """`loop.create_connection` to the first of the backend's addresses that accepts, each given
         `timeout` seconds (HAProxy's `timeout connect` is per attempt too). Raises the last error."""
         error: OSError | None = None
-        async with asyncio.timeout(timeout):  # (the first lookup of a name, if it has to wait for one)
-            addresses = await self.addresses(host, port)
-        for family, sockaddr in addresses:
+        for family, sockaddr in await self.addresses(host, port, timeout):
             try:
                 async with asyncio.timeout(timeout):
                     return await self.loop.create_connection(

@@ -176,8 +176,8 @@ class RawTcpServer:
         named = await proxied_client(self.loop, client, address, handler, handler.config.header_timeout)
         if named is not None:
             session = RawSession(self, client, named)
-            session.proxied = True
-            session.start(admitted=True)
+            session.proxied = True  # (and admitted by proxied_client)
+            session.start()
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """The connections whose PROXY header is being read (cancelled when the proxy closes)."""
@@ -363,10 +363,10 @@ class RawSession(SessionCore):
         """A connect to the backend is in progress (it has a deadline)."""
         return self in self.server.connecting
 
-    def start(self, admitted: bool = False) -> None:
-        """Admit the client (unless `proxied_client` did: `admitted`), then connect to a backend."""
+    def start(self) -> None:
+        """Admit the client (unless `proxied_client` did, for a proxied one), then connect to a backend."""
         listener = self.listener
-        if not admitted:
+        if not self.proxied:
             reason = listener.gate.admit(self.client_ip)
             if reason:
                 listener.count_rejected(reason)
@@ -408,9 +408,9 @@ class RawSession(SessionCore):
 
     async def _connect_named(self, backend: Backend) -> None:
         """A backend given by host name: its addresses (looked up without blocking the loop), then connect."""
-        resolver, timeout = self.listener.resolver, self.listener.pool.config.connect_timeout
-        try:  # (a first lookup counts against the connect timeout)
-            addresses = await asyncio.wait_for(resolver.addresses(backend.host, backend.port), timeout)
+        timeout = self.listener.pool.config.connect_timeout  # (a first lookup counts against it)
+        try:
+            addresses = await self.listener.resolver.addresses(backend.host, backend.port, timeout)
         except OSError as exc:  # (a timeout too)
             self.connect_failed(exc)
             return
@@ -446,14 +446,13 @@ class RawSession(SessionCore):
         """The connect to `self.backend` failed or timed out: try its next address, else another
         backend, or give up."""
         self.server.connecting.pop(self, None)
+        self._drop_upstream()
         if self.more_addresses and not self.closed:
-            self._drop_upstream()
             self._open(*self.more_addresses.pop(0))
             return
         failed = self.backend
         assert failed is not None
         self.backend = None
-        self._drop_upstream()
         nxt = self.next_backend(failed, exc)
         if nxt is None:
             self.finish(end="connect_failed")
