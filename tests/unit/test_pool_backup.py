@@ -37,7 +37,8 @@ def chosen(p: Pool, n: int = 8) -> set[str]:
 )
 def test_backups_serve_only_while_no_other_backend_is_available(algorithm: str) -> None:
     p = pool(algorithm)
-    assert chosen(p) <= {"a", "b"} and "sorry1" not in chosen(p, 50) | chosen(p, 50)
+    assert chosen(p, 50) == {"a", "b"} or algorithm in ("ip_hash", "consistent_hash")
+    assert chosen(p, 50) <= {"a", "b"}  # the backups idle
     p.set_state("a", healthy=False)
     assert chosen(p) == {"b"}  # one left: still no backup
     p.set_state("b", draining=True)
