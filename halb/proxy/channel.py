@@ -14,6 +14,9 @@ There is one reader waiter and one drain waiter: one coroutine reads a channel a
 Code that reads a channel from callbacks instead of a coroutine sets `on_ready`: it is called after each
 arrival of bytes, EOF or the loss of the connection, in place of waking the reader; with no coroutine
 waiting, a deadline set by `move_read_deadline` calls `on_read_timeout` when it passes (same lazy timer).
+Such code may also set `on_chunk`: bytes that arrive while nothing is buffered are offered to it first,
+and when it returns True it has used them all, so they are never buffered (and `on_ready` is not called).
+`stop_callbacks()` clears both.
 
 `eof` is set when the peer shut down its sending side; `closed` when the connection is gone (`error` holds
 the reason if it was not a clean close). `write()` raises ConnectionResetError on a closed channel.
@@ -59,6 +62,7 @@ class Channel(asyncio.Protocol):
         self._high = high_water
         self._low = low_water
         self.on_ready: Callable[[], None] | None = None  # a callback reader (see the module docstring)
+        self.on_chunk: Callable[[bytes], bool] | None = None  # its taker of whole chunks (ditto)
         self.on_read_timeout: Callable[[], None] | None = None  # its deadline (move_read_deadline) passed
 
     # --- protocol callbacks ------------------------------------------------------------------------
@@ -68,10 +72,16 @@ class Channel(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
-        self.append(data)
-        if self.on_ready is not None:
-            self.on_ready()
+        on_ready = self.on_ready
+        if on_ready is not None:
+            on_chunk = self.on_chunk
+            if on_chunk is not None and not self.buf and on_chunk(data):
+                self.received += len(data)
+                return
+            self.append(data)
+            on_ready()
             return
+        self.append(data)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -91,6 +101,11 @@ class Channel(asyncio.Protocol):
             self.on_ready()
         self.wake()
         return self.keep_open_on_eof
+
+    def stop_callbacks(self) -> None:
+        """A callback reader is done with this channel (a coroutine may read it from now on)."""
+        self.on_ready = None
+        self.on_chunk = None
 
     def wake(self) -> None:
         """Wake the coroutine waiting in `wait_more`, if any."""

@@ -114,6 +114,8 @@ _RESPONSE_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_KEEP_ALIVE_LIST = [b"keep-alive"]
+_KEEP_ALIVE_TOKENS = frozenset(_KEEP_ALIVE_LIST)
 # A Host value: a DNS name or IPv4 address, or [IPv6], then an optional port (matched lower-cased).
 _HOST_NAME = re.compile(rb"([a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -517,14 +519,13 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
         or _FIELDS_BLOCK.fullmatch(raw, m.end(), len(raw) - 2) is None
     ):
         _explain_response(raw)
+    fields_start = m.end()
+    if fields_start > MAX_RESPONSE_LINE + 2:
+        raise _bad("response line too long", "bad_response", 502)
     version, code, reason = m.groups()
-    if reason is None:
-        reason = b""
-    minor = 1 if version == b"HTTP/1.1" else 0
     status = int(code)
     if not 100 <= status <= 599:
         raise _bad("invalid response status", "bad_response", 502)
-    fields_start = m.end()
     parts = _RESPONSE_SPECIAL.split(raw[fields_start - 2 : -2])  # [kept, name, value, kept, ...]
     special: list[tuple[bytes, bytes]] = []
     content_length: int | None = None
@@ -535,16 +536,23 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
         value = parts[i + 1].strip(b" \t")
         special.append((lname, value))
         if lname == _CONTENT_LENGTH:
-            content_length = _content_length(value, content_length, 502)
+            if content_length is None and value.isdigit() and len(value) <= 18:
+                content_length = int(value)  # (the common case of _content_length, inline)
+            else:
+                content_length = _content_length(value, content_length, 502)
+        elif lname == _CONNECTION:
+            tokens += header_tokens(value)
         elif lname == _TRANSFER_ENCODING:
             codings.extend(header_tokens(value))
             if not codings:
                 raise _bad("empty Transfer-Encoding", "bad_response", 502)
-        elif lname == _CONNECTION:
-            tokens += header_tokens(value)
-    kept = parts[0] if len(parts) == 1 else b"".join(parts[0::3])
-    connection = frozenset(tokens) if tokens else _NO_TOKENS
-    if minor == 1:
+    if not tokens:
+        connection = _NO_TOKENS
+    elif tokens == _KEEP_ALIVE_LIST:
+        connection = _KEEP_ALIVE_TOKENS
+    else:
+        connection = frozenset(tokens)
+    if version == b"HTTP/1.1":
         keep_alive = b"close" not in connection
     else:
         keep_alive = b"keep-alive" in connection and b"close" not in connection
@@ -558,7 +566,7 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
     return ResponseHead(
         version,
         status,
-        reason,
+        reason or b"",
         None,
         content_length,
         chunked,
@@ -568,7 +576,7 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
         raw,
         fields_start,
         special,
-        kept,
+        parts[0] if len(parts) == 1 else b"".join(parts[0::3]),
     )
 
 
@@ -740,6 +748,19 @@ def request_framer(head: RequestHead) -> BodyFramer:
     if head.content_length:
         return LengthBody(head.content_length)
     return NoBody()
+
+
+def simple_body_length(method: bytes, head: ResponseHead) -> int:
+    """The length of the body after this response head when it is empty or has a Content-Length (what
+    `response_framer` gives a NoBody or a LengthBody for); -1 for a 1xx, chunked or close-delimited one."""
+    status = head.status
+    if status < 200:
+        return -1
+    if method == b"HEAD" or status == 204 or status == 304:
+        return 0
+    if head.content_length is not None and not head.chunked and not head.te_other:
+        return head.content_length
+    return -1
 
 
 def response_framer(method: bytes, head: ResponseHead) -> BodyFramer:

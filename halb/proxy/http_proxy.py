@@ -65,8 +65,6 @@ from halb.proxy.http_codec import (
     MAX_RESPONSE_HEAD,
     MAX_RESPONSE_LINE,
     BodyFramer,
-    LengthBody,
-    NoBody,
     RequestHead,
     ResponseHead,
     find_head_end,
@@ -75,6 +73,7 @@ from halb.proxy.http_codec import (
     parse_response_head,
     request_framer,
     response_framer,
+    simple_body_length,
 )
 from halb.proxy.limits import (
     BackendQueue,
@@ -242,6 +241,9 @@ class HttpListener:
         # The pool of each request: the listener's own (`router.default`), or a route's (halb.proxy.routes).
         self.router = Router(PoolRoute(pool, queue, sessions), routes)
         self.inline_ok = self._inline_ok()
+        # Bytes that end with the only CRLF CRLF in them and are no longer than this are one whole head
+        # within the listener's limits (HttpConnection.data_received serves them without buffering).
+        self.whole_head_limit = min(config.max_request_line, config.max_header_bytes)
 
     def _inline_ok(self) -> bool:
         """Requests may be served inline, in the protocol callbacks (see HttpConnection._serve_inline),
@@ -390,6 +392,21 @@ class HttpConnection(Channel):
         if self._discarding:
             return
         if self._parked:  # the callbacks serve (the task is not reading): buffer without waking it
+            if (
+                self._inline is None
+                and not self.buf
+                and len(data) <= self.listener.whole_head_limit
+                and data.find(b"\r\n\r\n") == len(data) - 4 >= 0
+                and data[0] not in (10, 13)
+                and self._inline_error is None
+                and not self._inline_closing
+                and not self.listener.draining
+            ):
+                # The common case: these bytes are exactly one request head (within the line and head
+                # limits), nothing before or after it: no buffering, no search for the head's end.
+                self.received += len(data)
+                self._serve_head(data)
+                return
             self.append(data)
             if self._inline is None:
                 self._serve_inline()
@@ -596,9 +613,14 @@ class HttpConnection(Channel):
         if end < 0:
             self._wake_task()  # a partial head: the task times its completion (header_timeout)
             return
-        data = self.take(end)
+        self._serve_head(self.take(end))
+
+    def _serve_head(self, data: bytes | bytearray) -> None:
+        """`_serve_inline` for `data`, a whole request head just taken off the connection."""
+        listener = self.listener
+        config = listener.config
         stats = listener.stats
-        stats.bytes_in += end
+        stats.bytes_in += len(data)
         self.idle = False
         try:
             req = parse_request_head(data, config.max_request_line, config.max_header_bytes)
@@ -643,6 +665,7 @@ class HttpConnection(Channel):
         inline.up = up
         inline.received_before = up.received
         up.on_ready = self._inline_response
+        up.on_chunk = self._inline_chunk
         self.move_read_deadline(now + pool.config.timeout)  # no whole response by then: the task takes over
         try:
             up.write(inline.out_head)
@@ -660,7 +683,9 @@ class HttpConnection(Channel):
         resp = inline.resp
         if resp is None:
             try:
-                end = find_head_end(buf, MAX_RESPONSE_LINE, MAX_RESPONSE_HEAD, status=(502, 502))
+                end = buf.find(b"\r\n\r\n") + 4  # (the parser checks the limits and rejects bare LFs)
+                if end < 4:
+                    end = find_head_end(buf, MAX_RESPONSE_LINE, MAX_RESPONSE_HEAD, status=(502, 502))
                 if end > 0:
                     resp = parse_response_head(bytes(buf[:end]))
             except ProtocolError:
@@ -670,12 +695,8 @@ class HttpConnection(Channel):
                 if up.eof or up.closed:
                     self._escalate(up)
                 return
-            framer = response_framer(inline.req.method, resp)
-            if isinstance(framer, NoBody) and resp.status >= 200:
-                length = 0
-            elif isinstance(framer, LengthBody) and framer.remaining <= COALESCE_BYTES:
-                length = framer.remaining
-            else:
+            length = simple_body_length(inline.req.method, resp)
+            if not 0 <= length <= COALESCE_BYTES:
                 self._escalate(up)  # 1xx, chunked, close-delimited or large: the task streams it
                 return
             inline.resp, inline.head_end, inline.length = resp, end, length
@@ -686,6 +707,30 @@ class HttpConnection(Channel):
             return
         self._finish_inline(inline, up, resp, up.take(total))
 
+    def _inline_chunk(self, data: bytes) -> bool:
+        """`on_chunk` of the upstream connection of an inline request: bytes from the backend while none
+        are buffered. The common case, exactly one whole response with a simple body, is answered from
+        them (True); anything else is buffered for `_inline_response` (False)."""
+        inline = self._inline
+        up = inline.up if inline is not None else None
+        if inline is None or up is None or inline.resp is not None:
+            return False
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4:
+            return False
+        try:
+            resp = parse_response_head(data[:end])
+        except ProtocolError:
+            return False  # (_inline_response finds the same and hands the request over)
+        length = simple_body_length(inline.req.method, resp)
+        if not 0 <= length <= COALESCE_BYTES:
+            return False
+        inline.resp, inline.head_end, inline.length = resp, end, length
+        if end + length != len(data):
+            return False  # the body is not all here yet (or more follows it)
+        self._finish_inline(inline, up, resp, data)
+        return True
+
     def _finish_inline(
         self, inline: _Inline, up: Channel, resp: ResponseHead, data: bytes | bytearray
     ) -> None:
@@ -695,16 +740,21 @@ class HttpConnection(Channel):
         req = inline.req
         backend = inline.backend
         assert backend is not None
-        up.on_ready = None
+        up.stop_callbacks()
         self._inline = None
         self.upstream_channel = None
         stats.in_flight -= 1
         now = self.loop.time()
         backend.on_response(now - self._t0)
         keep = req.keep_alive and not listener.draining
-        out = self._response_head(resp, inline.rid, keep, req.minor, set_headers=listener.set_headers)
-        if inline.length:
-            out += data[inline.head_end :]
+        out = self._response_head(
+            resp,
+            inline.rid,
+            keep,
+            req.minor,
+            set_headers=listener.set_headers,
+            body=data[inline.head_end :] if inline.length else b"",
+        )
         try:
             if keep or listener.tls is not None:
                 self.write(out)
@@ -782,13 +832,13 @@ class HttpConnection(Channel):
 
     def _escalate(self, up: Channel) -> None:
         """Hand the inline request to the task, which continues it where the callbacks stopped."""
-        up.on_ready = None
+        up.stop_callbacks()
         self._wake_task()
 
     async def _resume(self, inline: _Inline) -> bool:
         """Serve a request the callbacks started (`_serve_inline`) from the stage they reached."""
         if inline.up is not None:
-            inline.up.on_ready = None  # from now on this task reads the backend connection
+            inline.up.stop_callbacks()  # from now on this task reads the backend connection
         if inline.framer is None:  # parsed (and routed) only
             return await self._exchange(inline.req, inline.route)
         assert inline.ctx is not None
@@ -804,7 +854,7 @@ class HttpConnection(Channel):
             return
         self._logbackend = inline.backend  # (for the access log line of the abandoned request)
         up = inline.up
-        up.on_ready = None
+        up.stop_callbacks()
         up.abort()
         self.upstream_channel = None
         self.listener.stats.in_flight -= 1
@@ -1361,10 +1411,11 @@ class HttpConnection(Channel):
         *,
         interim: bool = False,
         set_headers: SetHeaders | None = None,
+        body: bytes | bytearray = b"",
     ) -> bytes:
         """The head sent to the client: the backend's field lines as they came (`resp.kept`), except the
         hop-by-hop and rewritten ones (and those `set_headers` replaces), then Transfer-Encoding, the
-        listener's `set_headers`, Content-Length, X-Request-ID, Connection."""
+        listener's `set_headers`, Content-Length, X-Request-ID, Connection; `body` after it, if any."""
         tokens = resp.connection_tokens
         if tokens and not tokens <= _PLAIN_CONNECTION_TOKENS:
             out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason)]
@@ -1396,6 +1447,8 @@ class HttpConnection(Channel):
             out.append(b"Connection: keep-alive\r\n\r\n")
         else:
             out.append(b"\r\n")
+        if body:
+            out.append(body)
         return b"".join(out)
 
     def _log_request(self) -> None:

@@ -60,6 +60,11 @@ async def varied(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_n
         await writer.drain()
         await asyncio.sleep(0.02)
         writer.write(b"it")
+    elif target == "/head-first":  # the head and part of the body, the rest later
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhead")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(b"first")
     elif target == "/empty":
         writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
     else:
@@ -105,6 +110,7 @@ def test_every_hand_over_gives_the_same_answers_as_the_task() -> None:
                 ("/large", b"L" * 200_000),
                 ("/hint", b"hint"),
                 ("/split", b"split"),
+                ("/head-first", b"headfirst"),
                 ("/empty", b""),
                 ("/after", b"GET /after 0"),
             ]
@@ -129,9 +135,10 @@ def test_every_hand_over_gives_the_same_answers_as_the_task() -> None:
             assert bodies == [b"GET /a 0", b"hello", b"GET /b 0"]
             stats = listener_stats(server)
             assert stats["in_flight"] == 0 and stats["responses"]["5xx"] == 0
-            # answered by the callbacks: /split (waited for its pieces), /empty (204), /after, the HEAD and
-            # the pipelined /a; everything else was handed over (and /b followed /chunked in the task)
-            assert stats["inline_total"] == 5
+            # answered by the callbacks: /split and /head-first (waited for their pieces), /empty (204),
+            # /after, the HEAD and the pipelined /a; everything else was handed over (and /b followed
+            # /chunked in the task)
+            assert stats["inline_total"] == 6
             assert be.connections == 1  # every hand-over kept the pooled connection usable
             client.close()
 
@@ -314,5 +321,55 @@ def test_drain_waits_for_a_request_the_callbacks_handed_over() -> None:
             assert resp.status == 200 and resp.get("connection") == "close"
             assert await drain is True
             client.close()
+
+    run(main)
+
+
+def test_heads_in_small_pieces_and_bad_response_heads_on_the_inline_path() -> None:
+    # The callbacks take a segment that is exactly one head without buffering it, and find a response
+    # head with one search: a segment of 1-3 bytes is not a head, and a response head with bare LFs or
+    # an over-long status line is still refused (502) on that path.
+    async def shapes(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
+        if req.target == "/bare-lf":
+            writer.write(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok\r\n\r\n")
+        elif req.target == "/long-line":
+            writer.write(b"HTTP/1.1 200 " + b"R" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok")
+        elif req.target == "/extra":  # more than the response: the connection cannot be reused
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokJUNK")
+        else:
+            return await default_handler(req, reader, writer, conn_no)
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        async with backends(shapes) as (be,), proxy(make_pool([be.port])) as (server, addr):
+            client = await Client.connect(addr)
+            assert (await client.get("/warm")).status == 200  # (the backend connection is pooled now)
+            head = b"GET /pieces HTTP/1.1\r\nHost: t\r\n\r\n"
+            for size in (1, 2, 3):
+                for i in range(0, len(head), size):
+                    client.writer.write(head[i : i + size])
+                    await client.writer.drain()
+                    await asyncio.sleep(0.002)
+                resp = await read_response(client.reader)
+                assert resp.status == 200 and resp.body == b"GET /pieces 0", size
+            stats = listener_stats(server)
+            assert sum(stats["bad_requests"].values()) == 0
+            assert be.connections == 1
+            resp = await client.get("/extra")
+            assert resp.status == 200 and resp.body == b"ok"
+            assert listener_stats(server)["inline_total"] == stats["inline_total"] + 1
+            assert (await client.get("/next")).body == b"GET /next 0"
+            assert be.connections == 2  # the connection that sent too much was closed, not pooled
+            for path in ("/bare-lf", "/long-line"):
+                client = await Client.connect(addr)
+                assert (await client.get("/warm")).status == 200  # (a 502 drops the pooled connection)
+                before = listener_stats(server)["inline_total"]
+                resp = await client.get(path)
+                assert resp.status == 502, path
+                assert listener_stats(server)["inline_total"] == before  # handed over, not answered
+                client.close()
+            stats = listener_stats(server)
+            assert stats["in_flight"] == 0 and stats["responses"]["5xx"] == 2
 
     run(main)

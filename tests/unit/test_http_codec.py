@@ -19,6 +19,7 @@ from halb.proxy.http_codec import (
     parse_response_head,
     request_framer,
     response_framer,
+    simple_body_length,
 )
 
 
@@ -175,6 +176,32 @@ def test_response_head_and_framing() -> None:
 
 
 @pytest.mark.parametrize(
+    ("method", "head", "expected"),
+    [
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", 12),
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", 0),
+        (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n", 0),
+        (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\n\r\n", 0),
+        (b"GET", b"HTTP/1.1 103 Early Hints\r\n\r\n", -1),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", -1),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n", -1),
+        (b"GET", b"HTTP/1.1 200 OK\r\n\r\n", -1),
+    ],
+)
+def test_simple_body_length_agrees_with_the_framer(method: bytes, head: bytes, expected: int) -> None:
+    resp = parse_response_head(head)
+    assert simple_body_length(method, resp) == expected
+    framer = response_framer(method, resp)
+    if expected < 0:
+        assert not isinstance(framer, (NoBody, LengthBody)) or resp.status < 200
+    elif expected == 0:
+        assert framer.done
+    else:
+        assert isinstance(framer, LengthBody) and framer.remaining == expected
+
+
+@pytest.mark.parametrize(
     "text",
     [
         b"HTTP/1.1 20 OK\r\n\r\n",
@@ -184,6 +211,7 @@ def test_response_head_and_framing() -> None:
         b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
         b"HTTP/1.1 200 OK\nX: a\n\n",
         b"HTTP/1.1 200 OK\r\nBad Name: a\r\n\r\n",
+        pytest.param(b"HTTP/1.1 200 " + b"R" * 8190 + b"\r\n\r\n", id="status-line-over-the-limit"),
     ],
 )
 def test_bad_responses_are_502(text: bytes) -> None:
