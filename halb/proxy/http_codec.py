@@ -42,9 +42,8 @@ _TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQR
 _RE_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _RE_VCHAR = rb"[\x21-\x7e\x80-\xff]"
 _RE_VALUE_CHAR = rb"[\t \x21-\x7e\x80-\xff]"
-_FIELDS_BLOCK = re.compile(
-    rb"(?:" + _RE_TCHAR + rb"++:" + _RE_VALUE_CHAR + rb"*+\r\n)*+"
-)  # possessive: no backtracking
+_RE_FIELDS_BLOCK = rb"(?:" + _RE_TCHAR + rb"++:" + _RE_VALUE_CHAR + rb"*+\r\n)*+"
+_FIELDS_BLOCK = re.compile(_RE_FIELDS_BLOCK)  # possessive: no backtracking
 # One field of a validated block: name, value without leading whitespace (fast; trailing whitespace is
 # rare and then _FIELD strips it too).
 _FIELD_FAST = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")
@@ -109,8 +108,12 @@ _RESPONSE_SPECIAL = re.compile(
 )
 # A valid request line (method token, printable target, HTTP/d.d); anything else takes the slow path,
 # which finds the precise error.
-_REQUEST_LINE = re.compile(rb"(" + _RE_TCHAR + rb"+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r\n")
-_RESPONSE_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?\r\n")
+_RE_REQUEST_LINE = rb"(" + _RE_TCHAR + rb"+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r\n"
+_RE_RESPONSE_LINE = rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?\r\n"
+# A whole valid head in one pass: the first line, the field block, the empty line. The empty group marks
+# where the field lines start.
+_REQUEST_HEAD = re.compile(_RE_REQUEST_LINE + rb"()" + _RE_FIELDS_BLOCK + rb"\r\n")
+_RESPONSE_HEAD = re.compile(_RE_RESPONSE_LINE + rb"()" + _RE_FIELDS_BLOCK + rb"\r\n")
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
@@ -398,19 +401,15 @@ def parse_request_head(
     if len(data) > max_header_bytes:
         raise _bad("request head too large", "head_too_large", 431)
     raw = bytes(data)
-    # Fast path: three C-speed regex passes validate the line and every field (no bare CR/LF, no
-    # obs-fold, token names, clean values); anything they reject is explained by the slow path.
-    m = _REQUEST_LINE.match(raw)
-    if (
-        m is None
-        or not raw.endswith(b"\r\n\r\n")
-        or _FIELDS_BLOCK.fullmatch(raw, m.end(), len(raw) - 2) is None
-    ):
+    # Fast path: one C-speed regex pass validates the line and every field (no bare CR/LF, no obs-fold,
+    # token names, clean values); anything it rejects is explained by the slow path.
+    m = _REQUEST_HEAD.fullmatch(raw)
+    if m is None:
         _explain_request(raw, max_request_line)
-    fields_start = m.end()
+    fields_start = m.start(4)
     if fields_start - 2 > max_request_line:
         raise _bad("request line too long", "line_too_long", 414)
-    method, target, version = m.groups()
+    method, target, version, _ = m.groups()
     line_ok = True
     if version == b"HTTP/1.1":
         minor = 1
@@ -512,17 +511,13 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
     if len(data) > MAX_RESPONSE_HEAD:
         raise _bad("response head too large", "bad_response", 502)
     raw = bytes(data)
-    m = _RESPONSE_LINE.match(raw)
-    if (
-        m is None
-        or not raw.endswith(b"\r\n\r\n")
-        or _FIELDS_BLOCK.fullmatch(raw, m.end(), len(raw) - 2) is None
-    ):
+    m = _RESPONSE_HEAD.fullmatch(raw)
+    if m is None:
         _explain_response(raw)
-    fields_start = m.end()
+    fields_start = m.start(4)
     if fields_start > MAX_RESPONSE_LINE + 2:
         raise _bad("response line too long", "bad_response", 502)
-    version, code, reason = m.groups()
+    version, code, reason, _ = m.groups()
     status = int(code)
     if not 100 <= status <= 599:
         raise _bad("invalid response status", "bad_response", 502)
