@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 RESPONSE_TIME_ALPHA = 0.3
 # Time constant (seconds) of the decaying bandwidth meter behind `least_bandwidth`.
 BANDWIDTH_TAU = 2.0
+# Units added within this many seconds of the meter's last decay count as added then: one exp() per window
+# instead of per call, at most 0.5% off with BANDWIDTH_TAU (a request-rate meter would pay it per request).
+RATE_WINDOW = 0.01
 
 
 @dataclass
@@ -36,7 +39,9 @@ class RateMeter:
             self._last = now
 
     def add(self, n: float, now: float) -> None:
-        self._decay_to(now)
+        last = self._last
+        if last is None or not last <= now < last + RATE_WINDOW:
+            self._decay_to(now)
         self._acc += n
 
     def rate(self, now: float) -> float:
@@ -100,6 +105,18 @@ class Backend:
             self.response_time_ewma = seconds
         else:
             self.response_time_ewma += RESPONSE_TIME_ALPHA * (seconds - self.response_time_ewma)
+
+    def on_exchange(self, seconds: float, to_backend: int, from_backend: int, now: float) -> None:
+        """A request answered on a connection the proxy now gives back: `on_response(seconds)`,
+        `on_connection_closed()` and `on_bytes(...)` in one call (the HTTP proxy's per-request path)."""
+        self.requests_total += 1
+        ewma = self.response_time_ewma
+        self.response_time_ewma = seconds if ewma is None else ewma + RESPONSE_TIME_ALPHA * (seconds - ewma)
+        if self.active_connections > 0:
+            self.active_connections -= 1
+        self.bytes_to_backend += to_backend
+        self.bytes_from_backend += from_backend
+        self.bandwidth.add(to_backend + from_backend, now)
 
     def on_bytes(self, to_backend: int, from_backend: int, now: float) -> None:
         self.bytes_to_backend += to_backend

@@ -33,10 +33,11 @@ class RoundRobin(Policy):
     def choose(self, ctx: Context, exclude: Collection[Backend] = ()) -> Backend | None:
         backends = self.backends
         n = len(backends)
-        for k in range(n):
-            i = (self._cursor + k) % n
+        i = self._cursor
+        for _ in range(n):
             b = backends[i]
+            i = i + 1 if i + 1 < n else 0
             if b.available and b not in exclude:
-                self._cursor = (i + 1) % n
+                self._cursor = i
                 return b
         return None

@@ -316,7 +316,7 @@ class HttpConnection(Channel):
         self.listener = listener
         self.client_ip = ""
         self.client_port = 0
-        self.client_ip_bytes = b""
+        self._forwarded_tail = b""
         self.proxied = False  # the client address came from a PROXY header (listener accept_proxy)
         self.admitted = False  # holds a slot of the listener's connection limits (released when done)
         self.connected = False  # connection_made ran (on a TLS listener: the handshake completed)
@@ -355,7 +355,12 @@ class HttpConnection(Channel):
             peer = transport.get_extra_info("peername")
             self.client_ip = str(peer[0]) if peer else ""
             self.client_port = int(peer[1]) if peer else 0
-        self.client_ip_bytes = self.client_ip.encode()
+        client_ip = self.client_ip.encode()
+        # What every request head sent upstream carries after "X-Forwarded-For: [earlier proxies, ]".
+        self._forwarded_tail = b"%s\r\nX-Forwarded-Proto: %s\r\nX-Request-ID: " % (
+            client_ip,
+            self.listener.scheme,
+        )
         listener = self.listener
         if not self.admitted:
             reason = listener.gate.admit(self.client_ip)
@@ -745,7 +750,6 @@ class HttpConnection(Channel):
         self.upstream_channel = None
         stats.in_flight -= 1
         now = self.loop.time()
-        backend.on_response(now - self._t0)
         keep = req.keep_alive and not listener.draining
         out = self._response_head(
             resp,
@@ -771,12 +775,11 @@ class HttpConnection(Channel):
         if listener.access_log is not None:  # (status -1 when the answer could not be delivered)
             self._log_tr, self._logbackend = now - self._t0, backend
             self._log_request()
-        backend.on_connection_closed()
+        backend.on_exchange(now - self._t0, len(inline.out_head), len(data), now)
         if resp.keep_alive and not up.buf and not up.eof and not up.closed:
             listener.upstream.release(backend, up, now)
         else:
             up.abort()
-        backend.on_bytes(len(inline.out_head), len(data), now)
         self.idle = True
         if not keep:
             if self.task is None:
@@ -1386,18 +1389,13 @@ class HttpConnection(Channel):
             out.append(b"Transfer-Encoding: chunked\r\n")
         elif req.content_length is not None:
             out.append(b"Content-Length: %d\r\n" % req.content_length)
-        client_ip = self.client_ip_bytes
         if rid is None:
             rid = b"%032x" % random.getrandbits(128)
-        out += (
-            b"X-Forwarded-For: ",
-            client_ip if xff is None else xff + b", " + client_ip,
-            b"\r\nX-Forwarded-Proto: ",
-            self.listener.scheme,
-            b"\r\nX-Request-ID: ",
-            rid,
-            b"\r\nConnection: keep-alive\r\n\r\n" if req.minor == 0 else b"\r\n\r\n",
-        )
+        if xff is None:
+            out += (b"X-Forwarded-For: ", self._forwarded_tail, rid)
+        else:
+            out += (b"X-Forwarded-For: ", xff, b", ", self._forwarded_tail, rid)
+        out.append(b"\r\nConnection: keep-alive\r\n\r\n" if req.minor == 0 else b"\r\n\r\n")
         if req.upgrade is not None and _websocket_upgrade(req):
             out[-1] = _UPGRADE_WEBSOCKET
         return rid, b"".join(out)

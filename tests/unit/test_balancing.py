@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from halb.backend import Backend
+from halb.backend import Backend, RateMeter
 from halb.balancing import Context, Policy, make_policy, policy_names
 from halb.balancing.consistent_hash import ConsistentHash
 
@@ -495,6 +496,35 @@ def test_least_bandwidth_balances_traffic_over_time() -> None:
         b.on_bytes(1000, 10_000, now)
     total = sum(b.bytes_from_backend for b in bs)
     assert abs(bs[0].bytes_from_backend / total - 0.25) <= 0.03
+
+
+def test_the_bandwidth_meter_matches_the_exact_decay_when_adds_come_faster_than_its_window() -> None:
+    # Many small adds within RATE_WINDOW are folded in without a decay each: the rate stays within 0.5% of
+    # the exact sum(n * exp(-(now - t) / tau)) / tau.
+    meter = RateMeter()
+    exact, tau = 0.0, meter.tau
+    t = 100.0
+    for _ in range(3000):
+        meter.add(500, t)
+        exact += 500 * math.exp(-(103.0 - t) / tau)
+        t += 0.000_9  # ~1,100 adds per second: several per window
+    assert meter.rate(103.0) == pytest.approx(exact / tau, rel=0.005)
+    assert meter.rate(200.0) < 1e-9 * exact  # and it still decays to nothing
+
+
+def test_one_exchange_counts_what_its_three_calls_count() -> None:
+    a, b = backends(2)
+    for x in (a, b):
+        x.on_connection_opened()
+        x.on_connection_opened()
+    a.on_response(0.2)
+    a.on_connection_closed()
+    a.on_bytes(100, 900, 5.0)
+    b.on_exchange(0.2, 100, 900, 5.0)
+    for attr in ("requests_total", "response_time_ewma", "active_connections", "bytes_to_backend"):
+        assert getattr(a, attr) == getattr(b, attr), attr
+    assert a.bytes_from_backend == b.bytes_from_backend == 900
+    assert a.bandwidth.rate(6.0) == b.bandwidth.rate(6.0) > 0
 
 
 def test_custom_load_lower_load_gets_more_traffic() -> None:
