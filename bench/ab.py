@@ -8,7 +8,9 @@ the `halb/` of the current directory, whatever `PYTHONPATH` says). Then `--round
 turn: a 1 s wrk warm-up and a `--duration` s wrk run of `--pattern` (keep-alive or new-conn) against its
 HTTP listener (`--mode tcp`: its TCP listener; `--mode https`: an HTTP listener with `tls`, a throw-away
 ECDSA P-256 certificate, wrk speaking TLS; `--access-log N`: the N-th tree writes an access log, so
-`python bench/ab.py . . --access-log 1` measures what logging costs). It prints each tree's runs and
+`python bench/ab.py . . --access-log 1` measures what logging costs; `--python` once per tree runs each
+with that interpreter, so `python bench/ab.py . . --python /tmp/other-venv/bin/python --python
+.venv/bin/python` compares two interpreters on the same code). It prints each tree's runs and
 their median. Alternating the trees round by round is what makes small differences visible on a machine
 whose speed drifts: the absolute figures move by about ±5% between runs here, the order of two trees
 measured side by side much less.
@@ -21,6 +23,7 @@ killed at exit.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import subprocess
@@ -80,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="the N-th tree (from 0) writes an access log (to a file in its temporary directory)",
     )
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="once per tree, in order: the interpreter (a virtualenv's python) that runs it",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=64)
@@ -90,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     for tree in trees:
         if not (tree / "halb" / "__init__.py").is_file():
             raise SystemExit(f"ab: {tree} has no halb/ package")
+    if args.python and len(args.python) != len(trees):
+        raise SystemExit(f"ab: {len(args.python)} --python for {len(trees)} trees (give one per tree)")
+    # (absolute, not resolved: a virtualenv's python is a symlink to the base interpreter)
+    pythons = [os.path.abspath(p) for p in args.python] or [sys.executable] * len(trees)
     results: list[list[float]] = [[] for _ in trees]  # by position: the same tree twice is an A/A run
     with tempfile.TemporaryDirectory(prefix="halb-ab-") as tmpdir:
         tmp = Path(tmpdir)
@@ -103,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra, https_port = https_listener(node_dir) if args.mode == "https" else ("", 0)
                 node_extra = f'access_log = "{node_dir / "access.log"}"' if i in args.access_log else ""
                 _, http_port, tcp_port, _ = start_halb(
-                    procs, node_dir, args.proxy_cpu, backend_port, extra, node_extra, tree=tree
+                    procs, node_dir, args.proxy_cpu, backend_port, extra, node_extra, tree, pythons[i]
                 )
                 ports.append({"http": http_port, "tcp": tcp_port, "https": https_port}[args.mode])
             for _ in range(args.rounds):
@@ -122,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, (tree, runs) in enumerate(zip(trees, results, strict=True)):
         runs_text = ", ".join(f"{r:,.0f}" for r in runs)
         logging = "  (access log on)" if i in args.access_log else ""
-        print(f"{statistics.median(runs):>10,.0f} req/s (median)  {tree}{logging}  [{runs_text}]")
+        python = f"  ({pythons[i]})" if args.python else ""
+        print(f"{statistics.median(runs):>10,.0f} req/s (median)  {tree}{python}{logging}  [{runs_text}]")
     return 0
 
 

@@ -358,17 +358,19 @@ def start_halb(
     extra: str = "",
     node_extra: str = "",
     tree: Path | None = None,
+    python: str = sys.executable,
 ) -> tuple[subprocess.Popen[bytes], int, int, int]:
     """One halb node (`halb_conf`) pinned to `cpu`, up and healthy: -> (process, http, tcp, admin port).
     `tree`: run that checkout of halb (through PYTHONPATH, from `tmp`: `python -m halb` would otherwise
-    import the `halb/` of the current directory, whatever PYTHONPATH says)."""
+    import the `halb/` of the current directory, whatever PYTHONPATH says); `python`: with that
+    interpreter (a virtualenv's, with halb's dependencies)."""
     http_port, tcp_port, admin_port = free_port(), free_port(), free_port()
     conf = halb_conf(admin_port, http_port, tcp_port, backend_port, extra, node_extra)
     (tmp / "halb.toml").write_text(conf)
     env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
     halb = procs.start(
         f"halb-{tmp.name}",
-        ["taskset", "-c", str(cpu), sys.executable, "-m", "halb", "serve", str(tmp / "halb.toml")],
+        ["taskset", "-c", str(cpu), python, "-m", "halb", "serve", str(tmp / "halb.toml")],
         env=env,
         cwd=tmp if tree is not None else None,
     )

@@ -38,7 +38,14 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
             report("bench --quick (smoke run, 1 s per cell: not a measurement)", line)
 
 
-@pytest.mark.parametrize(("mode", "extra"), [("http", []), ("https", []), ("tcp", ["--access-log", "1"])])
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [
+        ("http", []),
+        ("https", []),
+        ("tcp", ["--access-log", "1", "--python", sys.executable, "--python", sys.executable]),
+    ],
+)
 def test_ab_harness_compares_two_trees(mode: str, extra: list[str]) -> None:
     """`bench/ab.py` runs each tree from its own checkout: here the same checkout twice, one round. A run
     with error answers or a failed wrk would fail the harness (bench/ab.py `measure`)."""
@@ -66,3 +73,18 @@ def test_ab_harness_compares_two_trees(mode: str, extra: list[str]) -> None:
     assert len(rows) == 2 and all(str(ROOT) in row for row in rows), done.stdout
     assert all(float(row.split()[0].replace(",", "")) > 0 for row in rows), done.stdout
     assert ("access log on" in rows[1]) == ("--access-log" in extra) and "access log on" not in rows[0]
+    assert all((f"({sys.executable})" in row) == ("--python" in extra) for row in rows), done.stdout
+
+
+def test_inline_cost_serves_every_request_inline() -> None:
+    """`bench/inline_cost.py` exits non-zero unless every request it feeds took the inline path (so its
+    figure is the cost of that path); here a short run, no speed asserted."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "inline_cost.py"), "--requests", "2000", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "us of Python per inline request" in done.stdout, done.stdout
