@@ -75,9 +75,13 @@ class Channel(asyncio.Protocol):
         on_ready = self.on_ready
         if on_ready is not None:
             on_chunk = self.on_chunk
-            if on_chunk is not None and not self.buf and on_chunk(data):
+            if on_chunk is not None and not self.buf:
+                # Counted first: on_chunk may already send the next request on this channel, and whoever
+                # does notes `received` then, to tell later whether the backend has answered since.
                 self.received += len(data)
-                return
+                if on_chunk(data):
+                    return
+                self.received -= len(data)  # (append counts it)
             self.append(data)
             on_ready()
             return

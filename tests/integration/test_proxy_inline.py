@@ -373,3 +373,28 @@ def test_heads_in_small_pieces_and_bad_response_heads_on_the_inline_path() -> No
             assert stats["in_flight"] == 0 and stats["responses"]["5xx"] == 2
 
     run(main)
+
+
+def test_a_pipelined_request_on_the_connection_just_answered_is_still_resent_when_it_dies() -> None:
+    # /a is answered from the segment that carried its response (Channel.on_chunk); the pipelined /die
+    # then goes out at once on the same pooled connection, which the backend closes without answering.
+    # The connection had received nothing since /die went out, so the GET is resent on a new one: that
+    # needs the connection's byte count to include /a's answer before /die was sent.
+    async def first_dies(req: Request, reader: Any, writer: asyncio.StreamWriter, conn_no: int) -> bool:
+        if req.target == "/die" and conn_no == 1:
+            return False  # close without answering, as a backend closing an idle connection would
+        return await default_handler(req, reader, writer, conn_no)
+
+    async def main() -> None:
+        async with backends(first_dies) as (be,), proxy(make_pool([be.port])) as (server, addr):
+            client = await Client.connect(addr)
+            assert (await client.get("/warm")).status == 200  # (backend connection 1 is pooled now)
+            client.writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /die HTTP/1.1\r\nHost: t\r\n\r\n")
+            first, second = await read_response(client.reader), await read_response(client.reader)
+            assert (first.status, first.body) == (200, b"GET /a 0")
+            assert (second.status, second.body) == (200, b"GET /die 0")
+            stats = listener_stats(server)
+            assert stats["reconnects_total"] == 1 and be.connections == 2
+            client.close()
+
+    run(main)
