@@ -117,8 +117,6 @@ _RESPONSE_HEAD = re.compile(_RE_RESPONSE_LINE + rb"()" + _RE_FIELDS_BLOCK + rb"\
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
-_KEEP_ALIVE_LIST = [b"keep-alive"]
-_KEEP_ALIVE_TOKENS = frozenset(_KEEP_ALIVE_LIST)
 # A Host value: a DNS name or IPv4 address, or [IPv6], then an optional port (matched lower-cased).
 _HOST_NAME = re.compile(rb"([a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -531,22 +529,14 @@ def parse_response_head(data: bytes | bytearray) -> ResponseHead:
         value = parts[i + 1].strip(b" \t")
         special.append((lname, value))
         if lname == _CONTENT_LENGTH:
-            if content_length is None and value.isdigit() and len(value) <= 18:
-                content_length = int(value)  # (the common case of _content_length, inline)
-            else:
-                content_length = _content_length(value, content_length, 502)
-        elif lname == _CONNECTION:
-            tokens += header_tokens(value)
+            content_length = _content_length(value, content_length, 502)
         elif lname == _TRANSFER_ENCODING:
             codings.extend(header_tokens(value))
             if not codings:
                 raise _bad("empty Transfer-Encoding", "bad_response", 502)
-    if not tokens:
-        connection = _NO_TOKENS
-    elif tokens == _KEEP_ALIVE_LIST:
-        connection = _KEEP_ALIVE_TOKENS
-    else:
-        connection = frozenset(tokens)
+        elif lname == _CONNECTION:
+            tokens += header_tokens(value)
+    connection = frozenset(tokens) if tokens else _NO_TOKENS
     if version == b"HTTP/1.1":
         keep_alive = b"close" not in connection
     else:
