@@ -736,8 +736,8 @@ def request_framer(head: RequestHead) -> BodyFramer:
 
 
 def simple_body_length(method: bytes, head: ResponseHead) -> int:
-    """The length of the body after this response head when it is empty or has a Content-Length (what
-    `response_framer` gives a NoBody or a LengthBody for); -1 for a 1xx, chunked or close-delimited one."""
+    """The length of the body after this response head when it is empty or has a Content-Length; -1 for
+    a 1xx, chunked or close-delimited one (the rule `response_framer` frames bodies by)."""
     status = head.status
     if status < 200:
         return -1
@@ -749,13 +749,9 @@ def simple_body_length(method: bytes, head: ResponseHead) -> int:
 
 
 def response_framer(method: bytes, head: ResponseHead) -> BodyFramer:
-    status = head.status
-    if method == b"HEAD" or status < 200 or status == 204 or status == 304:
+    length = simple_body_length(method, head)
+    if length > 0:
+        return LengthBody(length)
+    if length == 0 or head.status < 200:  # (a 1xx has no body: the final response follows it)
         return NoBody()
-    if head.chunked:
-        return ChunkedBody()
-    if head.te_other:
-        return CloseDelimitedBody()
-    if head.content_length is not None:
-        return LengthBody(head.content_length)
-    return CloseDelimitedBody()
+    return ChunkedBody() if head.chunked else CloseDelimitedBody()

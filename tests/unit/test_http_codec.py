@@ -176,29 +176,33 @@ def test_response_head_and_framing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "head", "expected"),
+    ("method", "head", "expected", "framer_kind"),
     [
-        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", 12),
-        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
-        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", 0),
-        (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n", 0),
-        (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\n\r\n", 0),
-        (b"GET", b"HTTP/1.1 103 Early Hints\r\n\r\n", -1),
-        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", -1),
-        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n", -1),
-        (b"GET", b"HTTP/1.1 200 OK\r\n\r\n", -1),
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", 12, LengthBody),
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0, NoBody),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", 0, NoBody),
+        (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n", 0, NoBody),
+        (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\n\r\n", 0, NoBody),
+        (b"GET", b"HTTP/1.1 103 Early Hints\r\n\r\n", -1, NoBody),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", -1, ChunkedBody),
+        (
+            b"GET",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n",
+            -1,
+            CloseDelimitedBody,
+        ),
+        (b"GET", b"HTTP/1.1 200 OK\r\n\r\n", -1, CloseDelimitedBody),
     ],
 )
-def test_simple_body_length_agrees_with_the_framer(method: bytes, head: bytes, expected: int) -> None:
+def test_body_length_and_framer_of_each_response_shape(
+    method: bytes, head: bytes, expected: int, framer_kind: type
+) -> None:
     resp = parse_response_head(head)
     assert simple_body_length(method, resp) == expected
     framer = response_framer(method, resp)
-    if expected < 0:
-        assert not isinstance(framer, (NoBody, LengthBody)) or resp.status < 200
-    elif expected == 0:
-        assert framer.done
-    else:
-        assert isinstance(framer, LengthBody) and framer.remaining == expected
+    assert type(framer) is framer_kind
+    if expected >= 0:
+        assert framer.feed(b"x" * (expected + 5)) == expected and framer.done
 
 
 @pytest.mark.parametrize(
