@@ -72,20 +72,19 @@ class Channel(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
-        on_ready = self.on_ready
+        on_chunk = self.on_chunk
+        if on_chunk is not None and not self.buf:
+            # Counted first: on_chunk may already send the next request on this channel, and whoever does
+            # notes `received` then, to tell later whether the backend has answered since.
+            self.received += len(data)
+            if on_chunk(data):
+                return
+            self.received -= len(data)  # (append counts it)
+        self.append(data)
+        on_ready = self.on_ready  # (read after on_chunk, which may have stopped the callbacks)
         if on_ready is not None:
-            on_chunk = self.on_chunk
-            if on_chunk is not None and not self.buf:
-                # Counted first: on_chunk may already send the next request on this channel, and whoever
-                # does notes `received` then, to tell later whether the backend has answered since.
-                self.received += len(data)
-                if on_chunk(data):
-                    return
-                self.received -= len(data)  # (append counts it)
-            self.append(data)
             on_ready()
             return
-        self.append(data)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

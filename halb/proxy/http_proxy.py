@@ -685,66 +685,65 @@ class HttpConnection(Channel):
         if inline is None or up is None:
             return
         buf = up.buf
-        resp = inline.resp
-        if resp is None:
-            try:
-                end = buf.find(b"\r\n\r\n") + 4  # (the parser checks the limits and rejects bare LFs)
-                if end < 4:
-                    end = find_head_end(buf, MAX_RESPONSE_LINE, MAX_RESPONSE_HEAD, status=(502, 502))
-                if end > 0:
-                    resp = parse_response_head(bytes(buf[:end]))
-            except ProtocolError:
+        if inline.resp is None:
+            head = self._inline_head(inline, buf)
+            if head is None or (head is False and (up.eof or up.closed)):
                 self._escalate(up)
                 return
-            if resp is None:
-                if up.eof or up.closed:
-                    self._escalate(up)
-                return
-            length = simple_body_length(inline.req.method, resp)
-            if not 0 <= length <= COALESCE_BYTES:
-                self._escalate(up)  # 1xx, chunked, close-delimited or large: the task streams it
-                return
-            inline.resp, inline.head_end, inline.length = resp, end, length
-        end, total = inline.head_end, inline.head_end + inline.length
+            if not head:
+                return  # the head is not all here yet
+        total = inline.head_end + inline.length
         if len(buf) < total:
             if up.eof or up.closed:
                 self._escalate(up)
             return
-        self._finish_inline(inline, up, resp, up.take(total))
+        self._finish_inline(inline, up, up.take(total))
 
     def _inline_chunk(self, data: bytes) -> bool:
         """`on_chunk` of the upstream connection of an inline request: bytes from the backend while none
         are buffered. The common case, exactly one whole response with a simple body, is answered from
-        them (True); anything else is buffered for `_inline_response` (False)."""
+        them (True); anything else is buffered (False): for `_inline_response`, or for the task when the
+        response is not for the callbacks."""
         inline = self._inline
         up = inline.up if inline is not None else None
         if inline is None or up is None or inline.resp is not None:
             return False
-        end = data.find(b"\r\n\r\n") + 4
-        if end < 4:
+        head = self._inline_head(inline, data)
+        if head is None:
+            self._escalate(up)
             return False
-        try:
-            resp = parse_response_head(data[:end])
-        except ProtocolError:
-            return False  # (_inline_response finds the same and hands the request over)
-        length = simple_body_length(inline.req.method, resp)
-        if not 0 <= length <= COALESCE_BYTES:
-            return False
-        inline.resp, inline.head_end, inline.length = resp, end, length
-        if end + length != len(data):
-            return False  # the body is not all here yet (or more follows it)
-        self._finish_inline(inline, up, resp, data)
+        if not head or inline.head_end + inline.length != len(data):
+            return False  # the head or the body is not all here yet (or more follows it)
+        self._finish_inline(inline, up, data)
         return True
 
-    def _finish_inline(
-        self, inline: _Inline, up: Channel, resp: ResponseHead, data: bytes | bytearray
-    ) -> None:
+    def _inline_head(self, inline: _Inline, data: bytes | bytearray) -> bool | None:
+        """Read the response head at the start of `data` (what the backend sent for this inline request)
+        into `inline` (`resp`, `head_end`, `length`). True: read, with a body the callbacks can answer
+        with; False: the head is not complete yet; None: not for the callbacks (a bad head, or a 1xx,
+        chunked, close-delimited or large body): the task streams it."""
+        try:
+            end = data.find(b"\r\n\r\n") + 4  # (the parser checks the limits and rejects bare LFs)
+            if end < 4:
+                end = find_head_end(data, MAX_RESPONSE_LINE, MAX_RESPONSE_HEAD, status=(502, 502))
+                if end < 0:
+                    return False
+            resp = parse_response_head(data[:end])
+        except ProtocolError:
+            return None
+        length = simple_body_length(inline.req.method, resp)
+        if not 0 <= length <= COALESCE_BYTES:
+            return None
+        inline.resp, inline.head_end, inline.length = resp, end, length
+        return True
+
+    def _finish_inline(self, inline: _Inline, up: Channel, data: bytes | bytearray) -> None:
         """Answer an inline request: `data` is the backend's whole response (head and body)."""
         listener = self.listener
         stats = listener.stats
         req = inline.req
-        backend = inline.backend
-        assert backend is not None
+        backend, resp = inline.backend, inline.resp
+        assert backend is not None and resp is not None
         up.stop_callbacks()
         self._inline = None
         self.upstream_channel = None
